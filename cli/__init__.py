@@ -1,0 +1,1 @@
+"""The ``sftkit`` command line: a thin Typer + rich layer over ``sftkit`` and ``registry``."""

@@ -1,0 +1,87 @@
+"""Entry point of the ``sftkit`` console script.
+
+Exit codes: 0 ok, 1 failure, 2 bad input (one clear line on stderr; the traceback only with -v),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from cli.context import err_console, state
+from sftkit import __version__
+from sftkit.errors import BadInputError, SftkitError
+
+
+class _ErrorHandlingGroup(TyperGroup):
+    """Turns library errors into one line on stderr and the documented exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/red] — nothing half-written was kept")
+            raise typer.Exit(130) from None
+        except SftkitError as exc:
+            if state(ctx).verbose:
+                raise
+            kind = "error" if isinstance(exc, BadInputError) else "failed"
+            err_console.print(f"[red]{kind}:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2 if isinstance(exc, BadInputError) else 1) from None
+
+
+app = typer.Typer(
+    name="sftkit",
+    cls=_ErrorHandlingGroup,
+    help="Train, store, inspect and compose sparse fine-tunings (DEFT-X, LT-SFT) of multilingual encoders.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sftkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug output.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter.")] = False,
+    home: Annotated[
+        Path | None,
+        typer.Option(envvar="SFTKIT_HOME", help="Registry home (registry.db + store/). Default ~/.sftkit."),
+    ] = None,
+    registry_url: Annotated[
+        str | None,
+        typer.Option(envvar="SFTKIT_REGISTRY_URL", help="SQLAlchemy URL of a shared registry database."),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    st = state(ctx)
+    st.verbose, st.quiet, st.home, st.registry_url = verbose, quiet, home, registry_url
+
+
+# Each module defines ``register(app)``; they import torch and transformers only inside commands.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    app()

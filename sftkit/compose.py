@@ -1,0 +1,207 @@
+"""Composition: θ = θ0 + Σ wᵢ φᵢ with the task SFT's head on top, exported as a plain HF directory.
+
+The exported directory is an ordinary Hugging Face model (config with ``id2label``, safetensors
+weights, the base tokenizer) plus ``sftkit_compose.json`` recording which SFTs went in with which
+weights, so ``AutoModelForSequenceClassification.from_pretrained(dir)`` and
+``pipeline("text-classification", model=dir)`` work with no sftkit installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sftkit import __version__
+from sftkit.card import composed_model_card
+from sftkit.errors import BadInputError, BaseMismatchError
+from sftkit.fingerprint import base_fingerprint
+from sftkit.params import head_parameters
+from sftkit.sft import SparseFineTuning
+
+COMPOSE_RECORD = "sftkit_compose.json"
+HEADS = ("sequence-classification", "masked-lm", "none")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One SFT going into a composition, with the name the user knows it by."""
+
+    sft: SparseFineTuning
+    weight: float = 1.0
+    reference: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        meta = self.sft.metadata
+        return {
+            "reference": self.reference,
+            "name": meta.name,
+            "kind": meta.kind,
+            "language": meta.language,
+            "task": meta.task,
+            "method": meta.method,
+            "rank": meta.rank,
+            "weight": self.weight,
+            "base_fingerprint": meta.base_fingerprint,
+            "num_entries": self.sft.num_entries,
+        }
+
+
+@contextmanager
+def _quiet_transformers():
+    """from_pretrained warns that the classifier is freshly initialised: we overwrite it anyway."""
+    from transformers.utils import logging
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
+
+
+def _head_part(parts: Sequence[Part], head: str, head_from: int | None) -> Part | None:
+    if head == "none":
+        return None
+    if head_from is not None:
+        if not 0 <= head_from < len(parts):
+            raise BadInputError(f"head_from={head_from} is not the position of one of the {len(parts)} SFTs")
+        return parts[head_from]
+    wanted_kind = "task" if head == "sequence-classification" else "language"
+    candidates = [p for p in parts if p.sft.metadata.kind == wanted_kind and p.sft.full]
+    if len(candidates) > 1:
+        names = ", ".join(p.reference or p.sft.metadata.name for p in candidates)
+        raise BadInputError(f"more than one {wanted_kind} SFT brings a head ({names}); choose one with head_from")
+    if not candidates:
+        raise BadInputError(
+            f"a {head} model needs a {wanted_kind} SFT with a trained head, and none of the SFTs has one"
+        )
+    return candidates[0]
+
+
+def load_base(base: str, head: str, labels: Sequence[str] | None = None, revision: str | None = None):
+    """Load θ0 with the requested head from a Hub id or a local directory."""
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    try:
+        with _quiet_transformers():
+            if head == "sequence-classification":
+                labels = list(labels or [])
+                return AutoModelForSequenceClassification.from_pretrained(
+                    base,
+                    num_labels=len(labels),
+                    id2label=dict(enumerate(labels)),
+                    label2id={label: i for i, label in enumerate(labels)},
+                    **kwargs,
+                )
+            if head == "masked-lm":
+                return AutoModelForMaskedLM.from_pretrained(base, **kwargs)
+            return AutoModel.from_pretrained(base, **kwargs)
+    except OSError as exc:
+        raise BadInputError(f"cannot load base model {base!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def compose(
+    base: str | Any,
+    sfts: Sequence[SparseFineTuning],
+    weights: Sequence[float] | None = None,
+    head: str = "sequence-classification",
+    head_from: int | None = None,
+    references: Sequence[str | None] | None = None,
+    revision: str | None = None,
+):
+    """Return θ0 + Σ wᵢ φᵢ with the head of the task SFT (or ``head_from``) on top.
+
+    ``base`` is a Hub id, a local directory or an already loaded model (changed in place). SFTs
+    whose base fingerprint differs from the base are refused, as are two heads and a missing head.
+    """
+    if head not in HEADS:
+        raise BadInputError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+    if not sfts:
+        raise BadInputError("nothing to compose: give at least one SFT")
+    weights = list(weights) if weights is not None else [1.0] * len(sfts)
+    if len(weights) != len(sfts):
+        raise BadInputError(f"{len(weights)} weights for {len(sfts)} SFTs")
+    refs = list(references) if references is not None else [None] * len(sfts)
+    parts = [Part(sft, float(w), ref) for sft, w, ref in zip(sfts, weights, refs, strict=True)]
+    head_part = _head_part(parts, head, head_from)
+    labels = head_part.sft.metadata.labels if head_part else None
+    if head == "sequence-classification" and not labels:
+        raise BadInputError("the task SFT records no labels, so the classifier's size is unknown")
+
+    model = load_base(base, head, labels, revision) if isinstance(base, str | os.PathLike) else base
+    fingerprint = base_fingerprint(model)
+    for part in parts:
+        theirs = part.sft.metadata.base_fingerprint
+        if theirs is not None and theirs != fingerprint:
+            raise BaseMismatchError(
+                f"SFT {part.reference or part.sft.metadata.name!r} was trained on base "
+                f"{part.sft.metadata.base_model!r} ({theirs[:19]}…), not on this base ({fingerprint[:19]}…)"
+            )
+    if head_part is not None:
+        missing = [name for name, _ in head_parameters(model) if name not in head_part.sft.full]
+        if missing:
+            raise BadInputError(
+                f"SFT {head_part.reference or head_part.sft.metadata.name!r} has no trained head for "
+                f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
+            )
+    for part in parts:
+        part.sft.apply(model, scale=part.weight, with_head=part is head_part)
+    model.sftkit_parts = [part.record() for part in parts]  # read by export()
+    model.sftkit_fingerprint = fingerprint
+    return model
+
+
+def export(
+    model: Any,
+    out_dir: str | os.PathLike[str],
+    tokenizer: str | Any | None = None,
+    max_shard_size: str | int = "2GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (from ``compose``) as a Hugging Face directory, atomically.
+
+    ``tokenizer`` is a tokenizer object or a name/path to load one from; by default the base
+    model's ``name_or_path``.
+    """
+    from transformers import AutoTokenizer
+
+    target = Path(out_dir)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise BadInputError(f"{target} exists and is not empty (use --force / overwrite=True to replace it)")
+    source = tokenizer if tokenizer is not None else model.config.name_or_path
+    if isinstance(source, str | os.PathLike):
+        try:
+            source = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise BadInputError(f"cannot load the tokenizer of {source!r}: {str(exc).splitlines()[0]}") from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        source.save_pretrained(staging)
+        parts = getattr(model, "sftkit_parts", [])
+        labels = list(model.config.id2label.values()) if getattr(model.config, "id2label", None) else None
+        record = {
+            "sftkit_version": __version__,
+            "base_model": model.config.name_or_path,
+            "base_fingerprint": getattr(model, "sftkit_fingerprint", None),
+            "architecture": type(model).__name__,
+            "sfts": parts,
+        }
+        (staging / COMPOSE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (staging / "README.md").write_text(composed_model_card(model.config.name_or_path, parts, labels))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny XLM-R-shaped base (random weights, tokenizer trained on the fly) and toy data.
+
+Everything is built offline in a few hundred milliseconds; session-scoped so it is built once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def toy_languages():
+    from sftkit import toy
+
+    return toy.make_languages()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, toy_languages) -> Path:
+    """Directory of a 2-layer, hidden-64 XLM-R-style MLM checkpoint with its tokenizer."""
+    from sftkit import toy
+
+    texts = [text for language in toy_languages.values() for text in toy.corpus(language, 300)]
+    return toy.build_tiny_base(tmp_path_factory.mktemp("tiny-base"), texts)
+
+
+@pytest.fixture(scope="session")
+def other_base(tmp_path_factory, toy_languages) -> Path:
+    """Same shapes as ``tiny_base`` but other weights: compose must refuse to mix them."""
+    from sftkit import toy
+
+    texts = [text for language in toy_languages.values() for text in toy.corpus(language, 300)]
+    return toy.build_tiny_base(tmp_path_factory.mktemp("other-base"), texts, seed=1)
+
+
+@pytest.fixture
+def sftkit_home(tmp_path, monkeypatch) -> Path:
+    """An empty registry home for one test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SFTKIT_HOME", str(home))
+    monkeypatch.delenv("SFTKIT_REGISTRY_URL", raising=False)
+    return home
+
+
+def requires_data(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the test cleanly when it is absent."""
+    path = DATA_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available at {path}")
+    return path
