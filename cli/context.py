@@ -57,9 +57,10 @@ def resolve(ctx: typer.Context, reference: str) -> SFTRecord:
     """The single resolver: registry names/versions/aliases, SFT directories and ``hf:owner/repo``."""
     st = state(ctx)
     if reference.startswith("hf:"):
-        from sftkit.hub import pull
+        from sftkit.hub import default_cache_root, pull
 
-        directory = pull(reference[3:])
+        # Not registered: using a Hub SFT leaves no trace in the registry (``sftkit pull`` registers).
+        directory = pull(reference, cache_root=default_cache_root(st.home))
         return st.registry().describe_directory(directory)
     return st.registry().resolve(reference)
 

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import click
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from cli.context import err_console, state
@@ -34,7 +35,7 @@ class _ErrorHandlingGroup(TyperGroup):
             if state(ctx).verbose:
                 raise
             kind = "error" if isinstance(exc, BadInputError) else "failed"
-            err_console.print(f"[red]{kind}:[/red] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]{kind}:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2 if isinstance(exc, BadInputError) else 1) from None
 
 
@@ -77,7 +78,13 @@ def _global(
 
 
 # Each module defines ``register(app)``; they import torch and transformers only inside commands.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "cli.commands.compose",
+    "cli.commands.overlap",
+    "cli.commands.interop",
+    "cli.commands.train",
+    "cli.commands.registry_cmds",
+)
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)

@@ -16,6 +16,7 @@ _LAZY = {
     "SFTMetadata": "sftkit.sft",
     "compose": "sftkit.compose",
     "export": "sftkit.compose",
+    "compose_to_directory": "sftkit.compose",
 }
 
 

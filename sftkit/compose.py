@@ -54,16 +54,19 @@ class Part:
 
 
 @contextmanager
-def _quiet_transformers():
-    """from_pretrained warns that the classifier is freshly initialised: we overwrite it anyway."""
+def quiet_transformers():
+    """Silence load reports and weight-loading bars: the fresh classifier they warn about is overwritten."""
     from transformers.utils import logging
 
-    previous = logging.get_verbosity()
+    previous, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(previous)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def _head_part(parts: Sequence[Part], head: str, head_from: int | None) -> Part | None:
@@ -91,7 +94,7 @@ def load_base(base: str, head: str, labels: Sequence[str] | None = None, revisio
 
     kwargs: dict[str, Any] = {"revision": revision} if revision else {}
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if head == "sequence-classification":
                 labels = list(labels or [])
                 return AutoModelForSequenceClassification.from_pretrained(
@@ -104,8 +107,66 @@ def load_base(base: str, head: str, labels: Sequence[str] | None = None, revisio
             if head == "masked-lm":
                 return AutoModelForMaskedLM.from_pretrained(base, **kwargs)
             return AutoModel.from_pretrained(base, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise BadInputError(f"cannot load base model {base!r}: {str(exc).splitlines()[0]}") from exc
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What goes into a composition, validated before any weight is read."""
+
+    parts: tuple[Part, ...]
+    head: str
+    head_part: Part | None
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.head_part.sft.metadata.labels if self.head_part else None
+
+    def check_fingerprint(self, fingerprint: str) -> None:
+        for part in self.parts:
+            theirs = part.sft.metadata.base_fingerprint
+            if theirs is not None and theirs != fingerprint:
+                raise BaseMismatchError(
+                    f"SFT {part.reference or part.sft.metadata.name!r} was trained on base "
+                    f"{part.sft.metadata.base_model!r} ({theirs[:19]}…), not on this base ({fingerprint[:19]}…)"
+                )
+
+    def check_head(self, head_names: Sequence[str]) -> None:
+        if self.head_part is None:
+            return
+        missing = [name for name in head_names if name not in self.head_part.sft.full]
+        if missing:
+            raise BadInputError(
+                f"SFT {self.head_part.reference or self.head_part.sft.metadata.name!r} has no trained head for "
+                f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
+            )
+
+    def records(self) -> list[dict[str, Any]]:
+        return [part.record() for part in self.parts]
+
+
+def plan(
+    sfts: Sequence[SparseFineTuning],
+    weights: Sequence[float] | None = None,
+    head: str = "sequence-classification",
+    head_from: int | None = None,
+    references: Sequence[str | None] | None = None,
+) -> Plan:
+    """Validate the arguments of a composition: weights, which SFT brings the head, its labels."""
+    if head not in HEADS:
+        raise BadInputError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+    if not sfts:
+        raise BadInputError("nothing to compose: give at least one SFT")
+    weights = list(weights) if weights is not None else [1.0] * len(sfts)
+    if len(weights) != len(sfts):
+        raise BadInputError(f"{len(weights)} weights for {len(sfts)} SFTs")
+    refs = list(references) if references is not None else [None] * len(sfts)
+    parts = tuple(Part(sft, float(w), ref) for sft, w, ref in zip(sfts, weights, refs, strict=True))
+    result = Plan(parts, head, _head_part(parts, head, head_from))
+    if head == "sequence-classification" and not result.labels:
+        raise BadInputError("the task SFT records no labels, so the classifier's size is unknown")
+    return result
 
 
 def compose(
@@ -117,46 +178,74 @@ def compose(
     references: Sequence[str | None] | None = None,
     revision: str | None = None,
 ):
-    """Return θ0 + Σ wᵢ φᵢ with the head of the task SFT (or ``head_from``) on top.
+    """Return θ0 + Σ wᵢ φᵢ in memory, with the head of the task SFT (or ``head_from``) on top.
 
     ``base`` is a Hub id, a local directory or an already loaded model (changed in place). SFTs
     whose base fingerprint differs from the base are refused, as are two heads and a missing head.
     """
-    if head not in HEADS:
-        raise BadInputError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
-    if not sfts:
-        raise BadInputError("nothing to compose: give at least one SFT")
-    weights = list(weights) if weights is not None else [1.0] * len(sfts)
-    if len(weights) != len(sfts):
-        raise BadInputError(f"{len(weights)} weights for {len(sfts)} SFTs")
-    refs = list(references) if references is not None else [None] * len(sfts)
-    parts = [Part(sft, float(w), ref) for sft, w, ref in zip(sfts, weights, refs, strict=True)]
-    head_part = _head_part(parts, head, head_from)
-    labels = head_part.sft.metadata.labels if head_part else None
-    if head == "sequence-classification" and not labels:
-        raise BadInputError("the task SFT records no labels, so the classifier's size is unknown")
-
-    model = load_base(base, head, labels, revision) if isinstance(base, str | os.PathLike) else base
+    composition = plan(sfts, weights, head, head_from, references)
+    model = load_base(base, head, composition.labels, revision) if isinstance(base, str | os.PathLike) else base
     fingerprint = base_fingerprint(model)
-    for part in parts:
-        theirs = part.sft.metadata.base_fingerprint
-        if theirs is not None and theirs != fingerprint:
-            raise BaseMismatchError(
-                f"SFT {part.reference or part.sft.metadata.name!r} was trained on base "
-                f"{part.sft.metadata.base_model!r} ({theirs[:19]}…), not on this base ({fingerprint[:19]}…)"
-            )
-    if head_part is not None:
-        missing = [name for name, _ in head_parameters(model) if name not in head_part.sft.full]
-        if missing:
-            raise BadInputError(
-                f"SFT {head_part.reference or head_part.sft.metadata.name!r} has no trained head for "
-                f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
-            )
-    for part in parts:
-        part.sft.apply(model, scale=part.weight, with_head=part is head_part)
-    model.sftkit_parts = [part.record() for part in parts]  # read by export()
+    composition.check_fingerprint(fingerprint)
+    composition.check_head([name for name, _ in head_parameters(model)])
+    for part in composition.parts:
+        part.sft.apply(model, scale=part.weight, with_head=part is composition.head_part)
+    model.sftkit_parts = composition.records()  # read by export()
     model.sftkit_fingerprint = fingerprint
     return model
+
+
+def compose_to_directory(
+    base: str,
+    sfts: Sequence[SparseFineTuning],
+    out_dir: str | os.PathLike[str],
+    weights: Sequence[float] | None = None,
+    head: str = "sequence-classification",
+    head_from: int | None = None,
+    references: Sequence[str | None] | None = None,
+    revision: str | None = None,
+    max_shard_size: str | int = "2GB",
+    overwrite: bool = False,
+) -> Path:
+    """Compose and export in one go, tensor by tensor when the checkpoint allows it.
+
+    The streaming path (``sftkit.streaming``) never holds the whole model in memory; checkpoints it
+    cannot map (no safetensors, unusual key names, tied heads) go through ``compose`` + ``export``.
+    Both write identical weights.
+    """
+    from sftkit.streaming import stream_composition
+
+    composition = plan(sfts, weights, head, head_from, references)
+    _check_output(Path(out_dir), overwrite)
+    written = stream_composition(base, composition, Path(out_dir), revision, max_shard_size)
+    if written is not None:
+        return written
+    model = compose(base, sfts, weights, head, head_from, references, revision)
+    return export(model, out_dir, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def _check_output(target: Path, overwrite: bool) -> None:
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise BadInputError(f"{target} exists and is not empty (use --force / overwrite=True to replace it)")
+
+
+def compose_record(base_model: str, fingerprint: str | None, architecture: str, parts: list[dict]) -> dict:
+    """Contents of ``sftkit_compose.json``: enough to know exactly what a model directory is made of."""
+    return {
+        "sftkit_version": __version__,
+        "base_model": base_model,
+        "base_fingerprint": fingerprint,
+        "architecture": architecture,
+        "sfts": parts,
+    }
+
+
+def publish(staging: Path, target: Path) -> Path:
+    """Move a fully written staging directory into place (replacing ``target`` if allowed earlier)."""
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
 
 
 def export(
@@ -174,8 +263,7 @@ def export(
     from transformers import AutoTokenizer
 
     target = Path(out_dir)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise BadInputError(f"{target} exists and is not empty (use --force / overwrite=True to replace it)")
+    _check_output(target, overwrite)
     source = tokenizer if tokenizer is not None else model.config.name_or_path
     if isinstance(source, str | os.PathLike):
         try:
@@ -185,23 +273,17 @@ def export(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        with quiet_transformers():
+            model.save_pretrained(staging, max_shard_size=max_shard_size)
         source.save_pretrained(staging)
         parts = getattr(model, "sftkit_parts", [])
         labels = list(model.config.id2label.values()) if getattr(model.config, "id2label", None) else None
-        record = {
-            "sftkit_version": __version__,
-            "base_model": model.config.name_or_path,
-            "base_fingerprint": getattr(model, "sftkit_fingerprint", None),
-            "architecture": type(model).__name__,
-            "sfts": parts,
-        }
+        record = compose_record(
+            model.config.name_or_path, getattr(model, "sftkit_fingerprint", None), type(model).__name__, parts
+        )
         (staging / COMPOSE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         (staging / "README.md").write_text(composed_model_card(model.config.name_or_path, parts, labels))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        return publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target

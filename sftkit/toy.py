@@ -5,8 +5,10 @@ Used by ``sftkit demo`` and by the tests; never a substitute for real data in be
 The toy world: a fixed set of concepts, some positive, some negative, the rest neutral. Every
 language spells each concept with its own made-up word; a ``cognate_rate`` share of the spellings is
 borrowed from the source language (``src``), so related languages share some surface forms, as
-Acehnese and Indonesian do. A sentence is a random sequence of concepts; its sentiment label is the
-sign of (positive − negative) concepts in it, ``neutral`` when they balance.
+Acehnese and Indonesian do. A sentence is a walk through the concepts: each concept is usually
+followed by one of a few fixed successors, the same in every language, so there is structure for a
+masked LM to learn and to align across languages. Its sentiment label is the sign of
+(positive − negative) concepts in it, ``neutral`` when they balance.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ DEFAULT_LANGUAGES = {"src": 0.0, "ace": 0.55, "ban": 0.35}
 _SYLLABLES = [c + v for c in "bcdfghjklmnprstwz" for v in "aeiou"]
 _N_CONCEPTS = 120
 _N_POLAR = 20  # concepts 0..19 are positive, 20..39 negative, the rest neutral
+_FOLLOW = 0.8  # probability that the next concept is one of the current one's successors
+_SUCCESSORS = tuple(
+    tuple(random.Random(f"successors-{c}").sample(range(_N_CONCEPTS), 3)) for c in range(_N_CONCEPTS)
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,11 @@ class ToyLanguage:
     words: tuple[str, ...]
 
     def sentence(self, rng: random.Random, length: int) -> tuple[str, str]:
-        concepts = [rng.randrange(_N_CONCEPTS) for _ in range(length)]
+        concepts = [rng.randrange(_N_CONCEPTS)]
+        while len(concepts) < length:
+            previous = concepts[-1]
+            follow = rng.random() < _FOLLOW
+            concepts.append(rng.choice(_SUCCESSORS[previous]) if follow else rng.randrange(_N_CONCEPTS))
         score = sum(1 for c in concepts if c < _N_POLAR) - sum(1 for c in concepts if _N_POLAR <= c < 2 * _N_POLAR)
         label = "positive" if score > 0 else "negative" if score < 0 else "neutral"
         return " ".join(self.words[c] for c in concepts), label
@@ -136,3 +146,29 @@ def build_tiny_base(
     torch.manual_seed(seed)
     XLMRobertaForMaskedLM(config).save_pretrained(out)
     return out
+
+
+def pretrain(directory: str | Path, texts: list[str], steps: int = 300, batch_size: int = 32, seed: int = 0) -> None:
+    """Masked-LM pre-training of a tiny base in place, so that θ0 knows the toy languages a little.
+
+    Mirrors, in miniature, what makes cross-lingual transfer possible for XLM-R: one encoder trained
+    on many languages at once (here a mix dominated by the source language).
+    """
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForMaskedLM.from_pretrained(directory)
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    encoded = [tokenizer(text, truncation=True, max_length=64) for text in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(steps):
+        batch = collate(rng.sample(encoded, batch_size))
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(directory)

@@ -1,0 +1,97 @@
+"""``sftkit compose``: θ0 + φ_T + φ_L (+ task head) → a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from cli.context import console, err_console, load_sft, print_json, state
+from sftkit.errors import BadInputError
+
+EXAMPLES = """
+[b]Examples[/b]
+
+  sftkit compose --task sa --lang ban -o model/
+  sftkit compose --task nli@best --lang lang:quy@2 --weights 1,0.8 -o model-quy/
+  sftkit compose --lang ace --head none -o ace-encoder/      [dim]# language-adapted encoder, no head[/dim]
+"""
+
+
+def qualify(reference: str, prefix: str) -> str:
+    """``sa`` given to --task means the task ``sa``: add the kind unless the user was explicit."""
+    explicit = ":" in reference or os.sep in reference or Path(reference).exists()
+    return reference if explicit else f"{prefix}:{reference}"
+
+
+def parse_weights(text: str | None, count: int) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise BadInputError(f"--weights must be comma-separated numbers, e.g. 1,0.5 (got {text!r})") from None
+    if len(weights) != count:
+        raise BadInputError(f"--weights has {len(weights)} numbers for {count} SFTs (order: task, languages, extras)")
+    return weights
+
+
+def compose_command(
+    ctx: typer.Context,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the composed model to.")],
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Task SFT reference (e.g. sa, task:nli@2).")] = None,
+    lang: Annotated[
+        list[str] | None, typer.Option("--lang", "-l", help="Language SFT reference; repeat to add several.")
+    ] = None,
+    sft: Annotated[list[str] | None, typer.Option("--sft", help="Any further SFT reference or directory.")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Comma-separated weights wᵢ in the order task, languages, extras (default 1).")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base model (Hub id or directory); default: the one the SFTs were trained on.")
+    ] = None,
+    head: Annotated[
+        Literal["sequence-classification", "masked-lm", "none"], typer.Option(help="Head of the exported model.")
+    ] = "sequence-classification",
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the composition record as JSON.")] = False,
+) -> None:
+    """Compose SFTs into a model directory that [b]AutoModelForSequenceClassification.from_pretrained[/b] loads.
+
+    θ = θ0 + Σ wᵢ φᵢ: every SFT's sparse deltas are added to the base, the task SFT's head goes on top, \
+language SFTs' MLM heads are dropped.
+    """
+    references = ([qualify(task, "task")] if task else []) + [qualify(x, "lang") for x in lang or []] + list(sft or [])
+    if not references:
+        raise BadInputError("nothing to compose: give --task and/or --lang (or --sft)")
+    weight_list = parse_weights(weights, len(references))
+    from sftkit.compose import compose_to_directory
+
+    st = state(ctx)
+    with err_console.status("loading SFTs…", spinner="dots") if not st.quiet else nullcontext():
+        loaded = [load_sft(ctx, reference) for reference in references]
+    records, sfts = [r for r, _ in loaded], [s for _, s in loaded]
+    bases = {s.metadata.base_model for s in sfts if s.metadata.base_model}
+    base_model = base or (bases.pop() if len(bases) == 1 else None)
+    if base_model is None:
+        raise BadInputError("the SFTs name different or no base models; choose one with --base")
+    with err_console.status(f"composing on {base_model}…", spinner="dots") if not st.quiet else nullcontext():
+        directory = compose_to_directory(
+            base_model, sfts, output, weight_list, head=head, references=[r.reference for r in records], overwrite=force
+        )
+    record = json.loads((directory / "sftkit_compose.json").read_text())
+    if json_output:
+        print_json(record | {"path": str(directory)})
+        return
+    if not st.quiet:
+        for part in record["sfts"]:
+            console.print(f"  {part['kind']:8} {part['reference']:<24} × {part['weight']:g}", highlight=False)
+    console.print(f"[green]composed[/green] → {directory}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compose", epilog=EXAMPLES, rich_help_panel="Use")(compose_command)

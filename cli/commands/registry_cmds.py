@@ -1,0 +1,347 @@
+"""Registry commands: ``list``, ``show``, ``tag``, ``rm``, ``verify``, ``gc`` and ``db upgrade|status``.
+
+None of them imports torch: densities come from the safetensors header (``sftkit.inspect``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from cli.context import console, err_console, print_json, progress, resolve, state
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from registry import SFTRecord
+
+PANEL = "Registry"
+
+LIST_EXAMPLES = """
+[b]Examples[/b]
+
+  sftkit list                              [dim]# everything, newest first[/dim]
+  sftkit list --kind task --task sa        [dim]# all versions of the SA task SFT[/dim]
+  sftkit list --lang ace --sort version --asc
+  sftkit list --tag paper --json | jq '.[].path'
+"""
+
+SHOW_EXAMPLES = """
+[b]References[/b]  ace · sa · lang:ace · task:nli · lang:ace@3 · ace@latest · ace@best · sha256:1a2b3c · ./dir
+
+[b]Examples[/b]
+
+  sftkit show ace                          [dim]# newest language SFT for ace[/dim]
+  sftkit show task:sa@2 --json
+"""
+
+TAG_EXAMPLES = """
+A tag is an alias: within one language/task and base model it names exactly one version, so tagging
+another version moves it. [b]Examples[/b]
+
+  sftkit tag lang:ace@3 best               [dim]# then: sftkit compose --lang ace@best …[/dim]
+  sftkit tag ace@3 best --remove
+"""
+
+RM_EXAMPLES = """
+Removing an SFT that a task SFT names as its source is refused unless [b]--force[/b] (the task SFT keeps
+the source's reference as text). Version numbers are never reused.
+
+  sftkit rm lang:ace@2
+"""
+
+MAINTENANCE = """
+[b]verify[/b] re-hashes every artifact (exit 1 if any is missing or changed); [b]gc[/b] deletes store
+entries no row references (left by interrupted adds); [b]db upgrade[/b] migrates the schema.
+"""
+
+_SORTS = "created, version, name, kind, language, task, base, method, density, entries, k, size"
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def _count(value: float | int | None) -> str:
+    if value is None:
+        return "–"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:g}"
+
+
+def _bytes(size: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def _percent(fraction: float | None) -> str:
+    if fraction is None or math.isnan(fraction):
+        return "–"
+    return f"{100 * fraction:.3g}%"
+
+
+def _value(value: Any) -> str:
+    """Compact text for a table cell, with rich markup characters escaped."""
+    from rich.markup import escape
+
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{escape(str(key))}={_value(item)}" for key, item in value.items()) or "–"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_value(item) for item in value) or "–"
+    return escape(str(value))
+
+
+def _table(*columns: str, title: str | None = None) -> Table:
+    from rich.table import Table
+
+    table = Table(*columns, title=title, title_justify="left", title_style="bold", header_style="bold")
+    return table
+
+
+def _records_table(records: list[SFTRecord]) -> Table:
+    table = _table("reference", "base", "method", "rank", "entries", "density", "tags", "created")
+    table.columns[0].no_wrap = table.columns[7].no_wrap = True
+    for record in records:
+        table.add_row(
+            f"[bold]{record.reference}[/bold]",
+            _value(record.base_model),
+            _value(record.method),
+            _value(record.rank),
+            _count(record.num_entries),
+            _percent(record.density),
+            ", ".join(record.tags) or "",
+            f"{record.created:%Y-%m-%d}" if record.created else "–",
+        )
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def list_command(
+    ctx: typer.Context,
+    kind: Annotated[str | None, typer.Option(help="language (or lang) | task")] = None,
+    lang: Annotated[str | None, typer.Option("--lang", help="Language code.")] = None,
+    task: Annotated[str | None, typer.Option(help="Task name.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model.")] = None,
+    method: Annotated[str | None, typer.Option(help="deftx | lt-sft")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only SFTs with this tag.")] = None,
+    sort: Annotated[str, typer.Option(help=f"One of: {_SORTS}.")] = "created",
+    ascending: Annotated[bool, typer.Option("--asc", help="Ascending order (default: descending).")] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many rows.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON array of records.")] = False,
+) -> None:
+    """List registered SFTs, newest first."""
+    registry = state(ctx).registry()
+    records = registry.find(
+        kind=kind,
+        language=lang,
+        task=task,
+        base_model=base,
+        method=method,
+        tag=tag,
+        sort=sort,
+        descending=not ascending,
+        limit=limit,
+    )
+    if json_output:
+        print_json([record.to_dict() for record in records])
+    elif not records:
+        filtered = any(v is not None for v in (kind, lang, task, base, method, tag))
+        console.print(
+            "No SFT matches these filters."
+            if filtered
+            else f"The registry ({_value(registry.url)}) is empty: `sftkit train …` or `sftkit import DIR` fills it."
+        )
+    else:
+        console.print(_records_table(records))
+
+
+def show_command(
+    ctx: typer.Context,
+    reference: Annotated[str, typer.Argument(help="SFT reference or directory.", show_default=False)],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON record with all metadata.")] = False,
+) -> None:
+    """Metadata, lineage, density per layer and module, and the per-matrix rank report of one SFT."""
+    from sftkit.inspect import density_by_layer, density_by_module, read_weights_summary
+
+    registry = state(ctx).registry()
+    record = resolve(ctx, reference)
+    config = record.config()
+    registered = record.id is not None
+    lineage = registry.lineage(record)[1:] if registered else []
+    dependents = registry.dependents(record) if registered else []
+    by_layer, by_module = density_by_layer(record.path), density_by_module(record.path)
+    heads = read_weights_summary(record.path).full_tensors
+
+    if json_output:
+        data = record.to_dict()
+        data["config"] = config
+        data["lineage"] = [r.reference for r in lineage]
+        data["dependents"] = [r.reference for r in dependents]
+        data["density_by_layer"] = [row.to_dict() for row in by_layer]
+        data["density_by_module"] = [row.to_dict() for row in by_module]
+        print_json(data)
+        return
+
+    about = _table("", "", title=record.reference)
+    about.show_header = False
+    about.columns[1].overflow = "fold"  # full paths and hashes, to copy
+    rows = [
+        ("kind", record.kind),
+        ("language" if record.kind == "language" else "task", record.name),
+        ("version", record.version if registered else "– (not registered)"),
+        ("tags", ", ".join(record.tags) or "–"),
+        ("base model", " @ ".join(filter(None, [record.base_model, record.base_revision])) or None),
+        ("base fingerprint", record.base_fingerprint),
+        ("method", record.method),
+        ("rank", record.rank),
+        ("keep", record.keep),
+        ("k", _count(record.k)),
+        ("entries", f"{record.num_entries:,}"),
+        ("density", _percent(record.density)),
+        ("labels", config.get("labels")),
+        ("head", config.get("head_type")),
+        ("dense tensors", f"{len(heads)} ({sum(math.prod(shape) for shape in heads.values()):,} entries)"),
+        ("metrics", record.metrics),
+        ("trainer", record.trainer),
+        ("data", config.get("data")),
+        ("size", _bytes(record.size_bytes)),
+        ("sha256", record.sha256),
+        ("created", f"{record.created:%Y-%m-%d %H:%M:%S %Z}" if record.created else None),
+        ("sftkit version", config.get("sftkit_version")),
+        ("path", str(record.path)),
+    ]
+    for key, value in rows:
+        about.add_row(f"[bold]{key}[/bold]", _value(value))
+    console.print(about)
+
+    chain = " ← ".join([record.reference, *(r.reference for r in lineage)])
+    if record.source_reference and not lineage:
+        chain += f" ← {record.source_reference} (not in this registry)"
+    console.print(f"[bold]lineage[/bold]  {_value(chain)}", soft_wrap=True)
+    if dependents:
+        console.print(f"[bold]source of[/bold]  {', '.join(r.reference for r in dependents)}")
+
+    for title, density_rows in (("density per layer", by_layer), ("density per module", by_module)):
+        table = _table("group", "entries", "of", "density", title=title)
+        for row in density_rows:
+            table.add_row(row.group, f"{row.entries:,}", f"{row.size:,}", _percent(row.density))
+        console.print(table)
+
+    report = config.get("rank_report") or []
+    if report:
+        columns = list(dict.fromkeys(key for entry in report for key in entry))
+        table = _table(*columns, title="rank report (per matrix)")
+        for entry in report:
+            table.add_row(*(_value(entry.get(column)) for column in columns))
+        console.print(table)
+    else:
+        console.print("[dim]no rank report (an LT-SFT, or trained without denoising)[/dim]")
+
+
+def tag_command(
+    ctx: typer.Context,
+    reference: Annotated[str, typer.Argument(help="SFT reference.", show_default=False)],
+    alias: Annotated[str, typer.Argument(help="Tag, e.g. best or paper.", show_default=False)],
+    remove: Annotated[bool, typer.Option("--remove", "-d", help="Remove the tag instead.")] = False,
+) -> None:
+    """Tag a version (tags are aliases: `ace@best`), or remove a tag with --remove."""
+    from registry.records import canonical_reference
+    from sftkit.errors import NotFoundError
+
+    registry = state(ctx).registry()
+    if remove:
+        record = registry.untag(reference, alias)
+        console.print(f"removed tag [bold]{alias}[/bold] from [bold]{record.reference}[/bold]")
+        return
+    target = resolve(ctx, reference)
+    try:
+        series_alias = canonical_reference(target.kind, target.name, None) + f"@{alias}"
+        previous = registry.resolve(series_alias, base_model=target.base_model)
+    except NotFoundError:
+        previous = None
+    record = registry.tag(target, alias)
+    moved = f" (moved from {previous.reference})" if previous is not None and previous.id != record.id else ""
+    console.print(f"tagged [bold]{record.reference}[/bold] as [bold]{alias}[/bold]{moved}")
+
+
+def rm_command(
+    ctx: typer.Context,
+    reference: Annotated[str, typer.Argument(help="SFT reference.", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Also when other SFTs name it as their source.")] = False,
+) -> None:
+    """Remove one SFT version and its artifact."""
+    record = state(ctx).registry().remove(reference, force=force)
+    console.print(f"removed [bold]{record.reference}[/bold] (sha256:{record.short_sha}, {_bytes(record.size_bytes)})")
+
+
+def verify_command(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the problems as JSON.")] = False,
+) -> None:
+    """Re-hash every stored artifact; exit 1 if any is missing, incomplete or changed."""
+    registry = state(ctx).registry()
+    with progress(ctx) as bar:
+        task = bar.add_task("verifying", total=None)
+        problems = registry.verify(progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if json_output:
+        print_json([problem.to_dict() for problem in problems])
+    elif problems:
+        table = _table("reference", "problem", "path", title=f"{len(problems)} damaged artifact(s)")
+        for problem in problems:
+            table.add_row(problem.reference, problem.problem, _value(str(problem.path)))
+        err_console.print(table)
+        err_console.print("Re-add damaged SFTs from their source directories, or remove them (`sftkit rm`).")
+    else:
+        console.print("[green]all artifacts verified[/green]")
+    if problems:
+        raise typer.Exit(1)
+
+
+def gc_command(ctx: typer.Context) -> None:
+    """Delete store entries that no registered SFT references."""
+    removed = state(ctx).registry().gc()
+    for path in removed:
+        console.print(f"removed {path}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{len(removed)} unreferenced store entr{'y' if len(removed) == 1 else 'ies'} removed")
+
+
+def db_upgrade_command(ctx: typer.Context) -> None:
+    """Migrate the registry database to the schema this sftkit needs."""
+    before, after = state(ctx).registry().upgrade()
+    if before == after:
+        console.print(f"the registry database is up to date (schema {after})")
+    else:
+        console.print(f"upgraded the registry database from schema {before or 'none'} to {after}")
+
+
+def db_status_command(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Where the registry lives and whether its schema is current."""
+    status = state(ctx).registry().status()
+    if json_output:
+        print_json(status)
+        return
+    for key, value in status.items():
+        console.print(f"[bold]{key}[/bold]: {_value(value)}", soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("list", epilog=LIST_EXAMPLES, rich_help_panel=PANEL)(list_command)
+    app.command("show", epilog=SHOW_EXAMPLES, rich_help_panel=PANEL)(show_command)
+    app.command("tag", epilog=TAG_EXAMPLES, rich_help_panel=PANEL)(tag_command)
+    app.command("rm", epilog=RM_EXAMPLES, rich_help_panel=PANEL)(rm_command)
+    app.command("verify", epilog=MAINTENANCE, rich_help_panel=PANEL)(verify_command)
+    app.command("gc", epilog=MAINTENANCE, rich_help_panel=PANEL)(gc_command)
+    db = typer.Typer(help="Registry database schema: status and upgrade.", no_args_is_help=True)
+    db.command("upgrade")(db_upgrade_command)
+    db.command("status")(db_status_command)
+    app.add_typer(db, name="db", rich_help_panel=PANEL)

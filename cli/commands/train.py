@@ -1,0 +1,387 @@
+"""``sftkit train`` (two-phase DEFT-X / LT-SFT training into the registry) and ``sftkit eval``."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from cli.context import console, err_console, print_json, progress, resolve, state
+from sftkit.errors import BadInputError
+
+if TYPE_CHECKING:
+    from registry import SFTRecord
+
+EXAMPLES_TRAIN = """
+[b]Examples[/b]
+
+  sftkit train --lang ace --rank 90var --corpus ace.txt
+  sftkit train --task sa --source-lang id --train smsa.tsv --validation nusax/indonesian/valid.csv
+  sftkit train --lang ace --method lt-sft --k 2.8% --corpus ace.txt --base bert-base-multilingual-cased
+  sftkit train --lang ace --recipe quick --base ./tiny --corpus ace.txt --no-register -o ace-sft/
+  torchrun --nproc_per_node=4 --no-python sftkit train --lang ace --corpus ace.txt    [dim]# DDP[/dim]
+
+An interrupted run continues with the same command plus [b]--resume[/b]. Recipes: paper-lang, paper-sa,
+paper-nli (the paper's Appendix C) and quick (CPU smoke test); flags override any recipe value.
+"""
+
+EXAMPLES_EVAL = """
+[b]Examples[/b]
+
+  sftkit eval model/ --data nusax/acehnese/test.csv
+  sftkit eval sa --data nusax/indonesian/test.csv --json     [dim]# a task SFT composed on its base[/dim]
+  sftkit eval model-quy/ --data americasnli/test/quy.tsv
+"""
+
+_WHAT, _METHOD, _DATA, _SCHEDULE, _OUTPUT = "What to train", "Method", "Data", "Schedule (overrides)", "Output"
+
+
+class _RichReporter:
+    """One progress bar per phase showing the step, the training loss and the last validation metric."""
+
+    def __init__(self, bar: Any, metric: str) -> None:
+        self.bar, self.metric, self.task = bar, metric, None
+
+    def phase_started(self, phase: str, total_steps: int, done_steps: int) -> None:
+        description = f"{phase} fine-tuning" if phase == "full" else "sparse phase"
+        self.task = self.bar.add_task(description, total=total_steps, completed=done_steps, loss="–", score="–")
+
+    def step(self, step: int, loss: float) -> None:
+        self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+    def evaluated(self, step: int, metrics: dict[str, Any]) -> None:
+        self.bar.update(self.task, score=f"{self.metric} {metrics[self.metric]:.4f}")
+
+    def phase_finished(self, phase: str, summary: dict[str, Any]) -> None:
+        best = summary.get(self.metric)
+        self.bar.console.print(
+            f"{phase} phase: best {self.metric} {best:.4f} at step {summary['best_step']}/{summary['steps']}",
+            highlight=False,
+        )
+
+    def note(self, message: str) -> None:
+        self.bar.console.print(message, highlight=False)
+
+
+def _progress_bar(ctx: typer.Context) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = progress(ctx, transient=False)
+    bar.columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[score]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    return bar
+
+
+def _home(ctx: typer.Context) -> Path:
+    home = state(ctx).home or os.environ.get("SFTKIT_HOME") or "~/.sftkit"
+    return Path(home).expanduser()
+
+
+def _source(ctx: typer.Context, reference: str) -> tuple[SFTRecord, Any, dict[str, Any]]:
+    from cli.commands.compose import qualify
+
+    record = resolve(ctx, qualify(reference, "lang"))
+    if record.kind != "language":
+        raise BadInputError(
+            f"--source-lang {reference} is a {record.kind} SFT ({record.reference}), not a language SFT"
+        )
+    sft = state(ctx).registry().load(record)
+    lineage = {"reference": record.reference, "sha256": record.sha256, "language": record.language}
+    return record, sft, lineage
+
+
+def train_command(
+    ctx: typer.Context,
+    lang: Annotated[
+        str | None,
+        typer.Option("--lang", help="Train a language SFT (MLM) for this language code.", rich_help_panel=_WHAT),
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="Train a task SFT (e.g. sa, nli).", rich_help_panel=_WHAT)
+    ] = None,
+    base: Annotated[
+        str, typer.Option(help="Base model: Hub id or local directory.", rich_help_panel=_WHAT)
+    ] = "xlm-roberta-base",
+    revision: Annotated[str | None, typer.Option(help="Base model revision (Hub).", rich_help_panel=_WHAT)] = None,
+    source_lang: Annotated[
+        str | None,
+        typer.Option(
+            "--source-lang",
+            help="Task SFTs: start from this registered language SFT (θ0 + φ_source).",
+            rich_help_panel=_WHAT,
+        ),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="paper-lang | paper-sa | paper-nli | quick (default: the paper's for the kind).", rich_help_panel=_WHAT
+        ),
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="deftx | lt-sft (lt-sft ⇔ --rank none).", rich_help_panel=_METHOD)
+    ] = None,
+    rank: Annotated[
+        str | None, typer.Option(help="SVD rank: 90var (variance share), 100 (fixed), none.", rich_help_panel=_METHOD)
+    ] = None,
+    keep: Annotated[
+        float | None,
+        typer.Option(help="Share of the SVD residual kept per matrix (default 0.05).", rich_help_panel=_METHOD),
+    ] = None,
+    k: Annotated[
+        str | None,
+        typer.Option(
+            "--k",
+            help="Entries to tune: a count (7.6M) or a fraction of maskable entries (0.028, 2.8%).",
+            rich_help_panel=_METHOD,
+        ),
+    ] = None,
+    l1: Annotated[
+        float | None,
+        typer.Option("--l1", help="L1 weight λ towards θ_start in the sparse phase.", rich_help_panel=_METHOD),
+    ] = None,
+    corpus: Annotated[
+        str | None,
+        typer.Option(
+            help="Language SFTs: text file (one example per line), CSV/TSV/JSONL or hf:….", rich_help_panel=_DATA
+        ),
+    ] = None,
+    train_file: Annotated[
+        str | None,
+        typer.Option(
+            "--train",
+            help="Task SFTs: labelled CSV/TSV/JSONL or hf:owner/name[:config][@split].",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    validation: Annotated[
+        str | None,
+        typer.Option(help="Validation data (default: hold out part of the training data).", rich_help_panel=_DATA),
+    ] = None,
+    text_column: Annotated[
+        str | None, typer.Option(help="Text column (default text; premise for pairs).", rich_help_panel=_DATA)
+    ] = None,
+    text_pair_column: Annotated[
+        str | None, typer.Option(help="Second text column of pairs (default hypothesis).", rich_help_panel=_DATA)
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="Label column (default label).", rich_help_panel=_DATA)
+    ] = None,
+    epochs: Annotated[float | None, typer.Option(rich_help_panel=_SCHEDULE)] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Cap on steps per phase.", rich_help_panel=_SCHEDULE)] = None,
+    min_steps: Annotated[int | None, typer.Option(help="Floor on steps per phase.", rich_help_panel=_SCHEDULE)] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Global batch size (split across processes).", rich_help_panel=_SCHEDULE)
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (linear decay).", rich_help_panel=_SCHEDULE)
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Tokens per example / block.", rich_help_panel=_SCHEDULE)
+    ] = None,
+    eval_steps: Annotated[
+        int | None, typer.Option(help="Validate (and checkpoint) every N steps.", rich_help_panel=_SCHEDULE)
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option(rich_help_panel=_SCHEDULE)] = None,
+    warmup_ratio: Annotated[float | None, typer.Option(rich_help_panel=_SCHEDULE)] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default 42).", rich_help_panel=_SCHEDULE)] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1…", rich_help_panel=_SCHEDULE)
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue the interrupted run of this exact command.", rich_help_panel=_OUTPUT),
+    ] = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also save the SFT directory here.", rich_help_panel=_OUTPUT)
+    ] = None,
+    no_register: Annotated[
+        bool,
+        typer.Option("--no-register", help="Do not add the SFT to the registry (needs -o).", rich_help_panel=_OUTPUT),
+    ] = False,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option("--tag", help="Alias to attach in the registry; repeatable.", rich_help_panel=_OUTPUT),
+    ] = None,
+) -> None:
+    """Train a language SFT (masked LM on raw text) or a task SFT (classification), DEFT-X or LT-SFT.
+
+    Phase 1 fine-tunes fully, DEFT-X denoises δ and picks the k largest entries, phase 2 trains only \
+those (memory ∝ k). The result is registered and its reference printed.
+    """
+    from registry.references import check_name
+
+    if (lang is None) == (task is None):
+        raise BadInputError("give exactly one of --lang CODE (language SFT) or --task NAME (task SFT)")
+    kind = "language" if lang else "task"
+    name = check_name(lang or task, "--lang" if lang else "--task")
+    if no_register and output is None:
+        raise BadInputError("--no-register needs --output DIR, or the trained SFT would be lost")
+    if output is not None and output.exists():
+        raise BadInputError(f"--output {output} already exists; choose a new directory")
+    if kind == "task" and corpus:
+        raise BadInputError("task SFTs train on labelled data: use --train FILE (--corpus is for --lang)")
+    if corpus and train_file:
+        raise BadInputError("give the corpus once: --corpus FILE")
+    if kind == "language" and source_lang:
+        raise BadInputError("--source-lang applies to task SFTs (--task)")
+    if Path(base).expanduser().is_dir():  # a local base is recorded absolutely: compose/eval run from anywhere
+        base = str(Path(base).expanduser().resolve())
+    data = corpus or train_file
+    columns = {"text_column": text_column, "text_pair_column": text_pair_column}
+    if data is None:
+        from sftkit.training.catalog import default_source
+
+        default = default_source(kind, name)
+        data, validation = default.train, validation or default.validation
+        columns = {
+            "text_column": text_column or default.text_column,
+            "text_pair_column": text_pair_column or default.text_pair_column,
+        }
+
+    from sftkit.training import make_config
+
+    config = make_config(
+        language=name if kind == "language" else None,
+        task=name if kind == "task" else None,
+        recipe=recipe,
+        base_model=base,
+        base_revision=revision,
+        method=method,
+        rank=rank,
+        keep=keep,
+        k=k,
+        l1=l1,
+        train=data,
+        validation=validation,
+        label_column=label_column,
+        epochs=epochs,
+        max_steps=max_steps,
+        min_steps=min_steps,
+        batch_size=batch_size,
+        lr=lr,
+        max_length=max_length,
+        eval_steps=eval_steps,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        seed=seed,
+        device=device,
+        **columns,
+    )
+    source_record, source_sft, lineage = _source(ctx, source_lang) if source_lang else (None, None, None)
+    run_id = config.with_changes(extra={"source": lineage}).digest()
+    work_dir = _home(ctx) / "runs" / run_id
+    main_process = int(os.environ.get("RANK", "0")) == 0
+
+    from sftkit.training import train
+
+    st = state(ctx)
+    bar = _progress_bar(ctx) if main_process and not st.quiet else None
+    try:
+        with bar if bar is not None else nullcontext():
+            reporter = _RichReporter(bar, config.best_metric) if bar is not None else None
+            result = train(
+                config,
+                source=source_sft,
+                source_lineage=lineage,
+                work_dir=work_dir,
+                resume=resume,
+                reporter=reporter,
+            )
+    except KeyboardInterrupt:
+        if main_process:
+            err_console.print(f"checkpoints kept in {work_dir}: run the same command with --resume to continue")
+        raise
+    if not main_process:
+        return
+    sft = result.sft
+    if output is not None:
+        sft.save(output)
+    if not st.quiet:
+        err_console.print(
+            f"trained {kind} SFT {name!r}: {sft.num_entries:,} entries "
+            f"({sft.metadata.density:.2%} of {sft.metadata.maskable_entries:,}), method {config.method}, "
+            f"rank {config.rank}" + (f" → saved to {output}" if output else ""),
+            highlight=False,
+        )
+    if no_register:
+        console.print(str(output))
+        return
+    record = st.registry().add(sft, tags=tuple(tag or ()), source=source_record)
+    console.print(record.reference)
+
+
+def eval_command(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(help="A composed model directory, or a task SFT reference/directory.")],
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Labelled CSV/TSV/JSONL (NusaX, SMSA, AmericasNLI formats).")
+    ],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
+    max_length: Annotated[int | None, typer.Option(help="Truncate inputs to this many tokens.")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text column (default text; premise for pairs).")] = None,
+    text_pair_column: Annotated[str | None, typer.Option(help="Second text column of pairs.")] = None,
+    label_column: Annotated[str, typer.Option(help="Label column.")] = "label",
+) -> None:
+    """Macro-F1, accuracy and per-class scores of a classifier on labelled data.
+
+    A task SFT given alone is composed on its base model first (θ0 + φ_T with its head).
+    """
+    from sftkit.training import evaluate
+
+    directory = Path(target).expanduser()
+    options = {
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "text_column": text_column,
+        "text_pair_column": text_pair_column,
+        "label_column": label_column,
+    }
+    st = state(ctx)
+    with err_console.status("evaluating…", spinner="dots") if not st.quiet else nullcontext():
+        if (directory / "config.json").is_file():
+            scores = evaluate(directory, data, **options)
+            what = str(directory)
+        else:
+            from sftkit.compose import compose
+
+            record = resolve(ctx, target)
+            if record.kind != "task":
+                raise BadInputError(f"{record.reference} is a language SFT: evaluate a task SFT or a composed model")
+            sft = st.registry().load(record)
+            if not record.base_model:
+                raise BadInputError(f"{record.reference} names no base model to compose it on")
+            model = compose(record.base_model, [sft], references=[record.reference])
+            scores = evaluate(model, data, tokenizer=record.base_model, **options)
+            what = f"{record.reference} on {record.base_model}"
+    if json_output:
+        print_json(scores)
+        return
+    _print_scores(what, data, scores)
+
+
+def _print_scores(what: str, data: Path, scores: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{what} · {data} · n = {scores['n']}", title_justify="left")
+    for column in ("label", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for label, row in scores["per_class"].items():
+        table.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    console.print(table)
+    console.print(f"macro-F1 [b]{scores['macro_f1']:.4f}[/b]   accuracy [b]{scores['accuracy']:.4f}[/b]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", epilog=EXAMPLES_TRAIN, rich_help_panel="Train")(train_command)
+    app.command("eval", epilog=EXAMPLES_EVAL, rich_help_panel="Use")(eval_command)

@@ -1,0 +1,24 @@
+"""The SFT registry: rows in SQLite (default) or any SQLAlchemy database, artifacts by content hash.
+
+Importing this package is cheap; SQLAlchemy is loaded on first use of ``Registry``.
+
+    from registry import Registry
+    reg = Registry.open()                       # $SFTKIT_HOME, $SFTKIT_REGISTRY_URL, $SFTKIT_STORE
+    record = reg.add(sft, tags=["best"])        # -> SFTRecord, e.g. record.reference == "lang:ace@1"
+    sft = reg.load("ace@best")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from registry.records import SFTRecord, VerifyProblem
+
+__all__ = ["Registry", "SFTRecord", "VerifyProblem"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Registry":
+        return importlib.import_module("registry.core").Registry
+    raise AttributeError(f"module 'registry' has no attribute {name!r}")

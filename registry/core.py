@@ -1,0 +1,605 @@
+"""The ``Registry`` facade: add, resolve, find, load, tag, remove, verify and collect SFTs.
+
+Where things live: ``home`` (argument → ``$SFTKIT_HOME`` → ``~/.sftkit``) holds ``registry.db`` and the
+artifact store ``store/`` (``$SFTKIT_STORE`` moves the store). ``url`` (argument →
+``$SFTKIT_REGISTRY_URL``) selects another database, e.g. a team's PostgreSQL; artifacts then still go
+to the store, which the team shares on common storage (a row whose artifact is not in this
+machine's store loads with a clear "missing" error).
+
+Order of an add: stage a complete copy, hash and fsync it, then — holding the store lock — open the
+write transaction, allocate the next version, insert, rename the artifact into place, commit. A row is
+therefore only ever committed after its artifact is complete, and a crash at any point leaves at
+worst an unreferenced directory that ``gc`` removes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from registry.artifacts import (
+    REQUIRED_FILES,
+    ArtifactInfo,
+    ArtifactStore,
+    check_sft_directory,
+    hash_artifact,
+    inspect_artifact,
+)
+from registry.database import HEAD, Database, sqlite_url
+from registry.records import SFTRecord, VerifyProblem, canonical_reference
+from registry.references import KIND_ALIASES, ParsedReference, check_name, check_tag, looks_like_path, parse_reference
+from registry.schema import UNKNOWN_BASE, InfoRow, SeriesRow, SFTRow, TagRow
+from sftkit.errors import BadInputError, BaseMismatchError, NotFoundError, SftkitError
+from sftkit.inspect import CONFIG_NAME
+
+if TYPE_CHECKING:
+    from sftkit.sft import SparseFineTuning
+
+DB_NAME = "registry.db"
+_ADD_ATTEMPTS = 5
+
+SORT_KEYS: dict[str, tuple[Any, ...]] = {
+    "created": (SFTRow.created,),
+    "version": (SFTRow.version,),
+    "name": (func.coalesce(SFTRow.language, SFTRow.task), SFTRow.version),
+    "kind": (SFTRow.kind,),
+    "language": (SFTRow.language,),
+    "task": (SFTRow.task,),
+    "base": (SFTRow.base_model,),
+    "method": (SFTRow.method,),
+    "density": (SFTRow.density,),
+    "entries": (SFTRow.num_entries,),
+    "k": (SFTRow.k,),
+    "size": (SFTRow.size_bytes,),
+}
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("SFTKIT_HOME") or "~/.sftkit").expanduser()
+
+
+def _writable_directory(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK)
+
+
+class Registry:
+    """SFT rows in a SQL database plus their artifacts in a content-addressed store."""
+
+    def __init__(self, home: Path, database: Database, store: ArtifactStore, readonly: bool = False) -> None:
+        self.home = home
+        self.db = database
+        self.store = store
+        self.readonly = readonly
+        self._schema_checked = False
+
+    @classmethod
+    def open(
+        cls,
+        home: str | os.PathLike[str] | None = None,
+        url: str | None = None,
+        store: str | os.PathLike[str] | None = None,
+    ) -> Registry:
+        """Open (or, on first use, create) a registry. Cheap: the database is contacted lazily.
+
+        A read-only home still opens for reading; writing then fails with a clear message.
+        """
+        home_dir = Path(home).expanduser() if home else _default_home()
+        url = url or os.environ.get("SFTKIT_REGISTRY_URL") or None
+        store_dir = Path(store or os.environ.get("SFTKIT_STORE") or home_dir / "store").expanduser()
+        readonly = False
+        if url is None:
+            db_path = home_dir / DB_NAME
+            if not _writable_directory(home_dir):
+                if not db_path.is_file():
+                    raise BadInputError(
+                        f"no registry in {home_dir}, and it is not writable so none can be created: "
+                        "use a writable --home / SFTKIT_HOME"
+                    )
+                readonly = True
+            url = sqlite_url(db_path, readonly=readonly)
+        return cls(home_dir, Database(url, readonly=readonly), ArtifactStore(store_dir), readonly)
+
+    def close(self) -> None:
+        self.db.dispose()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def url(self) -> str:
+        """The database URL, password hidden."""
+        return self.db.display_url
+
+    # ------------------------------------------------------------------ plumbing
+    def _ready(self) -> None:
+        if not self._schema_checked:
+            self.db.check_schema()
+            self._schema_checked = True
+
+    def _writable(self, action: str) -> None:
+        if self.readonly:
+            raise BadInputError(
+                f"the registry home {self.home} is read-only: cannot {action} (use a writable --home / SFTKIT_HOME)"
+            )
+        self._ready()
+
+    def _record(self, row: SFTRow) -> SFTRecord:
+        return row.to_record(self.store.path_for(row.sha256))
+
+    def _registry_id(self, session: Session) -> str:
+        return session.get_one(InfoRow, "registry_id").value
+
+    # ------------------------------------------------------------------ adding
+    def add(
+        self,
+        sft_or_dir: SparseFineTuning | str | os.PathLike[str],
+        tags: Iterable[str] = (),
+        source: SFTRecord | str | os.PathLike[str] | None = None,
+    ) -> SFTRecord:
+        """Store an SFT (object or directory) as the next version of its series and return its record.
+
+        Adding content that is already stored returns the existing record (tags are added to it).
+        ``source`` (a record or reference) is the language SFT a task SFT was trained on top of; when
+        omitted it is looked up from ``metadata.source_sft["sha256"]``.
+        """
+        tags = tuple(check_tag(tag) for tag in dict.fromkeys(tags))
+        self._writable("add SFTs")
+        if isinstance(sft_or_dir, (str, os.PathLike)):
+            check_sft_directory(sft_or_dir)  # a clear error about the user's directory, before copying
+        source_record = source if source is None or isinstance(source, SFTRecord) else self._registered(source)
+        with self.store.staging() as staged:
+            if isinstance(sft_or_dir, (str, os.PathLike)):
+                self.store.copy_into(Path(sft_or_dir).expanduser(), staged)
+            else:
+                self.store.save_into(sft_or_dir, staged)
+            info = inspect_artifact(staged)  # what is hashed is exactly what gets stored
+            fields = _row_fields(info)
+            self.store.seal(staged)
+            with self.store.lock():
+                attempt = 1
+                while True:
+                    try:
+                        return self._insert(info, fields, tags, source_record)
+                    except IntegrityError as exc:  # a concurrent writer on a server database took the key
+                        if attempt == _ADD_ATTEMPTS:
+                            raise SftkitError(f"could not add {info.path}: concurrent writers kept clashing") from exc
+                        attempt += 1
+
+    def _insert(
+        self, info: ArtifactInfo, fields: dict[str, Any], tags: Sequence[str], source: SFTRecord | None
+    ) -> SFTRecord:
+        final = self.store.path_for(info.sha256)
+        placed = False
+        try:
+            with self.db.session(write=True) as session:
+                self.store.claim(self._registry_id(session))
+                existing = session.scalar(select(SFTRow).where(SFTRow.sha256 == info.sha256))
+                if existing is not None:
+                    if source is not None and existing.source_id != source.id:
+                        raise BadInputError(
+                            f"this SFT is already registered as {existing.reference} with source "
+                            f"{existing.source_reference or 'none'}, not {source.reference}"
+                        )
+                    if not (final.is_dir() and hash_artifact(final)[0] == info.sha256):
+                        self.store.place(info.path, info.sha256)  # heal a lost or damaged copy
+                    self._apply_tags(session, existing, tags)
+                    return self._record(existing)
+                source_row, source_reference = self._source_of(session, source, info.config, fields)
+                series = _series_for_update(session, fields["kind"], fields["name"], fields["base_model"])
+                series.last_version += 1
+                row = SFTRow(
+                    series_id=series.id,
+                    version=series.last_version,
+                    **{key: value for key, value in fields.items() if key != "name"},
+                    sha256=info.sha256,
+                    size_bytes=info.size_bytes,
+                    source_id=source_row.id if source_row is not None else None,
+                    source_reference=source_reference,
+                    created=datetime.now(timezone.utc),
+                )
+                session.add(row)
+                session.flush()
+                self._apply_tags(session, row, tags)
+                placed = not final.exists()
+                self.store.place(info.path, info.sha256)
+                record = self._record(row)
+        except BaseException:
+            if placed:
+                self.store.discard(final)  # no committed row refers to it
+            raise
+        return record
+
+    def _source_of(
+        self, session: Session, source: SFTRecord | None, config: dict[str, Any], fields: dict[str, Any]
+    ) -> tuple[SFTRow | None, str | None]:
+        """The source-language row (if registered) and its reference, checked against our base."""
+        lineage = config.get("source_sft") if isinstance(config.get("source_sft"), dict) else {}
+        if source is not None:
+            if source.id is None:
+                raise BadInputError(f"the source SFT {source.reference} must be registered first (`sftkit import DIR`)")
+            row = session.get(SFTRow, source.id)
+            if row is None:
+                raise NotFoundError(f"the source SFT {source.reference} is no longer in the registry")
+        else:
+            sha = str(lineage.get("sha256") or "").removeprefix("sha256:")
+            row = session.scalar(select(SFTRow).where(SFTRow.sha256 == sha)) if sha else None
+            if row is None:
+                return None, lineage.get("reference")
+        ours, theirs = fields["base_fingerprint"], row.base_fingerprint
+        if ours and theirs and ours != theirs:
+            raise BaseMismatchError(
+                f"the source SFT {row.reference} was trained on another base model ({row.base_model or theirs}) "
+                f"than this SFT ({fields['base_model'] or ours})"
+            )
+        return row, row.reference
+
+    @staticmethod
+    def _apply_tags(session: Session, row: SFTRow, tags: Sequence[str]) -> None:
+        """Attach aliases to ``row``, moving each away from the version of the series that had it."""
+        for tag in tags:
+            if any(existing.name == tag for existing in row.tags):
+                continue
+            session.execute(
+                delete(TagRow).where(TagRow.series_id == row.series_id, TagRow.name == tag, TagRow.sft_id != row.id)
+            )
+            row.tags.append(TagRow(series_id=row.series_id, name=tag))
+        session.flush()
+
+    # ------------------------------------------------------------------ resolving
+    def resolve(self, ref: SFTRecord | str | os.PathLike[str], base_model: str | None = None) -> SFTRecord:
+        """Record for a reference (see ``registry.references``) or an SFT directory path.
+
+        ``base_model`` narrows a name that exists for several base models. Raises ``NotFoundError``
+        (suggesting ``sftkit list``) or ``BadInputError`` listing the candidates when ambiguous.
+        """
+        if isinstance(ref, SFTRecord):
+            return ref
+        text = os.fspath(ref).strip()
+        if isinstance(ref, os.PathLike) or looks_like_path(text):
+            return self.describe_directory(text)
+        parsed = parse_reference(text)
+        self._ready()
+        try:
+            with self.db.session() as session:
+                return self._record(self._find_row(session, parsed, text, base_model))
+        except NotFoundError:
+            if (Path(text) / CONFIG_NAME).is_file():  # a bare name that is only a local SFT directory
+                return self.describe_directory(text)
+            raise
+
+    def _find_row(self, session: Session, parsed: ParsedReference, text: str, base_model: str | None) -> SFTRow:
+        if parsed.sha_prefix:
+            rows = session.scalars(select(SFTRow).where(SFTRow.sha256.startswith(parsed.sha_prefix)).limit(2)).all()
+            if not rows:
+                raise NotFoundError(f"no SFT has a sha256 starting with {parsed.sha_prefix} (`sftkit list` shows them)")
+            if len(rows) > 1:
+                raise BadInputError(f"sha256:{parsed.sha_prefix} matches several SFTs: give more digits")
+            return rows[0]
+        query = select(SeriesRow).where(SeriesRow.name == parsed.name)
+        if parsed.kind:
+            query = query.where(SeriesRow.kind == parsed.kind)
+        if base_model:
+            query = query.where(SeriesRow.base_model == base_model)
+        series = session.scalars(query.order_by(SeriesRow.kind, SeriesRow.base_model)).all()
+        candidates = [row for row in (self._row_in_series(session, s, parsed) for s in series) if row is not None]
+        if len(candidates) == 1:
+            return candidates[0]
+        if candidates:
+            listed = ", ".join(
+                f"{row.reference} [base {row.base_model or 'unknown'}, sha256:{row.sha256[:12]}]" for row in candidates
+            )
+            raise BadInputError(
+                f"{text!r} is ambiguous: {listed} — write one of them (lang:/task: prefix, or sha256:<prefix>)"
+            )
+        raise NotFoundError(self._not_found_message(session, parsed, text, series))
+
+    @staticmethod
+    def _row_in_series(session: Session, series: SeriesRow, parsed: ParsedReference) -> SFTRow | None:
+        query = select(SFTRow).where(SFTRow.series_id == series.id)
+        if parsed.version is not None:
+            query = query.where(SFTRow.version == parsed.version)
+        elif parsed.alias is not None:
+            query = query.join(TagRow, TagRow.sft_id == SFTRow.id).where(TagRow.name == parsed.alias)
+        return session.scalar(query.order_by(SFTRow.version.desc()).limit(1))
+
+    def _not_found_message(
+        self, session: Session, parsed: ParsedReference, text: str, series: Sequence[SeriesRow]
+    ) -> str:
+        if not series:
+            names = session.scalars(select(SeriesRow.name).distinct()).all()
+            close = difflib.get_close_matches(parsed.name or "", names, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            return f"no SFT called {text!r} in the registry {self.url}{hint}; `sftkit list` shows what is registered"
+        ids = [s.id for s in series]
+        versions = session.scalars(select(SFTRow.version).where(SFTRow.series_id.in_(ids)).order_by(SFTRow.version))
+        have = ", ".join(str(v) for v in dict.fromkeys(versions))
+        if not have:
+            return f"no SFT called {text!r} is left in the registry (all its versions were removed)"
+        tags = ", ".join(sorted(set(session.scalars(select(TagRow.name).where(TagRow.series_id.in_(ids)))))) or "none"
+        return f"{text!r} matches no version (versions: {have}; tags: {tags}); `sftkit list` shows what is registered"
+
+    def _registered(self, ref: SFTRecord | str | os.PathLike[str]) -> SFTRecord:
+        record = self.resolve(ref)
+        if record.id is None:
+            raise BadInputError(f"{record.reference} is not in the registry (register it first: `sftkit import DIR`)")
+        return record
+
+    def describe_directory(self, path: str | os.PathLike[str]) -> SFTRecord:
+        """Record of an SFT directory; the registry's own record if the same content is registered.
+
+        An unregistered directory gets ``id=None``, ``version=None`` and its absolute path as reference.
+        """
+        info = inspect_artifact(path)
+        self._ready()
+        with self.db.session() as session:
+            row = session.scalar(select(SFTRow).where(SFTRow.sha256 == info.sha256))
+            if row is not None:
+                return self._record(row)
+        columns = _row_fields(info)
+        del columns["name"]
+        columns["base_model"] = columns["base_model"] or None
+        lineage = info.config.get("source_sft") if isinstance(info.config.get("source_sft"), dict) else {}
+        location = info.path.resolve()
+        return SFTRecord(
+            id=None,
+            reference=str(location),
+            version=None,
+            **columns,
+            sha256=info.sha256,
+            size_bytes=info.size_bytes,
+            source_reference=lineage.get("reference"),
+            created=datetime.fromtimestamp((location / CONFIG_NAME).stat().st_mtime, timezone.utc),
+            path=location,
+        )
+
+    def load(self, rec_or_ref: SFTRecord | str | os.PathLike[str]) -> SparseFineTuning:
+        """The SFT itself, after checking that its files still hash to the recorded sha256."""
+        record = self.resolve(rec_or_ref)
+        path = record.path
+        if path is None or not path.is_dir():
+            raise NotFoundError(
+                f"the artifact of {record.reference} is missing at {path} (`sftkit verify` lists every damaged SFT)"
+            )
+        if hash_artifact(path)[0] != record.sha256:
+            raise SftkitError(
+                f"the artifact of {record.reference} at {path} does not match its sha256 {record.short_sha}: it was "
+                "modified or damaged, so it is not loaded (`sftkit verify`; re-add it from its source)"
+            )
+        from sftkit.sft import SparseFineTuning
+
+        return SparseFineTuning.load(path)
+
+    # ------------------------------------------------------------------ querying
+    def find(
+        self,
+        kind: str | None = None,
+        language: str | None = None,
+        task: str | None = None,
+        base_model: str | None = None,
+        method: str | None = None,
+        tag: str | None = None,
+        sort: str = "created",
+        descending: bool = True,
+        limit: int | None = None,
+    ) -> list[SFTRecord]:
+        """Records matching every given filter, sorted by ``sort`` (one of ``SORT_KEYS``)."""
+        if sort not in SORT_KEYS:
+            raise BadInputError(f"cannot sort by {sort!r}: choose one of {', '.join(SORT_KEYS)}")
+        query = select(SFTRow)
+        if kind is not None:
+            if kind not in KIND_ALIASES:
+                raise BadInputError(f"kind must be 'language' (or 'lang') or 'task', not {kind!r}")
+            query = query.where(SFTRow.kind == KIND_ALIASES[kind])
+        for column, value in (
+            (SFTRow.language, language),
+            (SFTRow.task, task),
+            (SFTRow.base_model, base_model),
+            (SFTRow.method, method),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if tag is not None:
+            query = query.where(SFTRow.id.in_(select(TagRow.sft_id).where(TagRow.name == tag)))
+        columns = (*SORT_KEYS[sort], SFTRow.id)
+        query = query.order_by(*(column.desc() if descending else column.asc() for column in columns))
+        if limit is not None:
+            query = query.limit(limit)
+        self._ready()
+        with self.db.session() as session:
+            return [self._record(row) for row in session.scalars(query)]
+
+    def lineage(self, ref: SFTRecord | str | os.PathLike[str]) -> list[SFTRecord]:
+        """The SFT followed by its source, the source's source, … (registered ones only)."""
+        chain = [self.resolve(ref)]
+        self._ready()
+        with self.db.session() as session:
+            while chain[-1].source_id is not None and len(chain) < 100:
+                row = session.get(SFTRow, chain[-1].source_id)
+                if row is None or any(record.id == row.id for record in chain):
+                    break
+                chain.append(self._record(row))
+        return chain
+
+    def dependents(self, ref: SFTRecord | str | os.PathLike[str]) -> list[SFTRecord]:
+        """Registered SFTs that name this one as their source."""
+        record = self._registered(ref)
+        with self.db.session() as session:
+            rows = session.scalars(select(SFTRow).where(SFTRow.source_id == record.id).order_by(SFTRow.id))
+            return [self._record(row) for row in rows]
+
+    # ------------------------------------------------------------------ changing
+    def tag(self, ref: SFTRecord | str | os.PathLike[str], alias: str) -> SFTRecord:
+        """Give a version an alias (``best``, ``paper`` …); it moves off any other version of the series."""
+        alias = check_tag(alias)
+        self._writable("tag SFTs")
+        record = self._registered(ref)
+        with self.db.session(write=True) as session:
+            row = self._row_by_id(session, record)
+            self._apply_tags(session, row, [alias])
+            session.refresh(row)
+            return self._record(row)
+
+    def untag(self, ref: SFTRecord | str | os.PathLike[str], alias: str) -> SFTRecord:
+        self._writable("untag SFTs")
+        record = self._registered(ref)
+        with self.db.session(write=True) as session:
+            row = self._row_by_id(session, record)
+            if alias not in {tag.name for tag in row.tags}:
+                tags = ", ".join(record.tags) or "none"
+                raise NotFoundError(f"{row.reference} has no tag {alias!r} (its tags: {tags})")
+            session.execute(delete(TagRow).where(TagRow.sft_id == row.id, TagRow.name == alias))
+            session.refresh(row)
+            return self._record(row)
+
+    def remove(self, ref: SFTRecord | str | os.PathLike[str], force: bool = False) -> SFTRecord:
+        """Delete a version and its artifact. Refused while another SFT names it as its source,
+        unless ``force`` (those keep the source's reference as text but lose the link)."""
+        self._writable("remove SFTs")
+        record = self._registered(ref)
+        with self.store.lock():
+            with self.db.session(write=True) as session:
+                self.store.claim(self._registry_id(session))
+                row = self._row_by_id(session, record)
+                children = session.scalars(select(SFTRow).where(SFTRow.source_id == row.id)).all()
+                if children and not force:
+                    names = ", ".join(child.reference for child in children)
+                    raise BadInputError(
+                        f"{row.reference} is the source of {names}: remove those first, or force it (`--force`)"
+                    )
+                for child in children:
+                    child.source_id = None
+                removed = self._record(row)
+                session.delete(row)
+            self.store.discard(self.store.path_for(removed.sha256))
+        return removed
+
+    @staticmethod
+    def _row_by_id(session: Session, record: SFTRecord) -> SFTRow:
+        row = session.get(SFTRow, record.id)
+        if row is None:
+            raise NotFoundError(f"{record.reference} was removed meanwhile")
+        return row
+
+    # ------------------------------------------------------------------ maintenance
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> list[VerifyProblem]:
+        """Re-hash every artifact; returns what is missing, incomplete or changed (empty = all good)."""
+        self._ready()
+        with self.db.session() as session:
+            rows = session.execute(
+                select(SFTRow.kind, SFTRow.language, SFTRow.task, SFTRow.version, SFTRow.sha256).order_by(SFTRow.id)
+            ).all()
+        problems = []
+        for done, row in enumerate(rows, 1):
+            reference = canonical_reference(row.kind, row.language if row.kind == "language" else row.task, row.version)
+            path = self.store.path_for(row.sha256)
+            missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+            if not path.is_dir():
+                problems.append(VerifyProblem(reference, row.sha256, path, "artifact missing"))
+            elif missing:
+                problems.append(VerifyProblem(reference, row.sha256, path, f"incomplete: {', '.join(missing)} missing"))
+            elif hash_artifact(path)[0] != row.sha256:
+                problems.append(VerifyProblem(reference, row.sha256, path, "content does not match its sha256"))
+            if progress is not None:
+                progress(done, len(rows))
+        return problems
+
+    def gc(self) -> list[Path]:
+        """Delete store entries no row references (leftovers of interrupted adds and removals)."""
+        self._writable("collect garbage")
+        with self.store.lock():
+            with self.db.session() as session:
+                self.store.claim(self._registry_id(session))
+                referenced = set(session.scalars(select(SFTRow.sha256)))
+            return self.store.collect(referenced)
+
+    def upgrade(self) -> tuple[str | None, str | None]:
+        """Migrate the database schema to what this sftkit needs; returns (before, after) revisions."""
+        if self.readonly:
+            raise BadInputError(f"the registry home {self.home} is read-only: cannot upgrade its database")
+        result = self.db.upgrade()
+        self._schema_checked = True
+        return result
+
+    def status(self) -> dict[str, Any]:
+        """Where the registry lives and whether its schema is current (never migrates)."""
+        revision = self.db.revision()
+        return {
+            "url": self.url,
+            "store": str(self.store.root),
+            "revision": revision,
+            "head": HEAD,
+            "up_to_date": revision == HEAD,
+            "readonly": self.readonly,
+        }
+
+
+def _series_for_update(session: Session, kind: str, name: str, base_model: str) -> SeriesRow:
+    """The series row, locked for this transaction (created when new)."""
+    query = select(SeriesRow).where(SeriesRow.kind == kind, SeriesRow.name == name, SeriesRow.base_model == base_model)
+    series = session.scalar(query.with_for_update())
+    if series is None:
+        series = SeriesRow(kind=kind, name=name, base_model=base_model, last_version=0)
+        session.add(series)
+        session.flush()
+    return series
+
+
+def _optional(config: dict[str, Any], key: str, kind: type) -> Any:
+    value = config.get(key)
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"sft_config.json: {key} = {value!r} is not a {kind.__name__}") from exc
+
+
+def _mapping(config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise BadInputError(f"sft_config.json: {key} must be a mapping, not {type(value).__name__}")
+    return value
+
+
+def _row_fields(info: ArtifactInfo) -> dict[str, Any]:
+    """Row columns from an artifact's config; entry counts come from the weights themselves."""
+    config = info.config
+    kind = config["kind"]
+    name = check_name(config.get("language") if kind == "language" else config.get("task"), kind)
+    if config.get("language") is not None:
+        check_name(config["language"], "language")
+    counts = info.weights.parameters
+    size = sum(count.size for count in counts)
+    density = _optional(config, "density", float)
+    return {
+        "kind": kind,
+        "name": name,
+        "language": config.get("language"),
+        "task": config.get("task") if kind == "task" else None,
+        "base_model": str(config.get("base_model") or UNKNOWN_BASE),
+        "base_revision": _optional(config, "base_revision", str),
+        "base_fingerprint": _optional(config, "base_fingerprint", str),
+        "method": _optional(config, "method", str),
+        "rank": _optional(config, "rank", str),
+        "keep": _optional(config, "keep", float),
+        "k": _optional(config, "k", int),
+        "density": density if density is not None else (info.weights.num_entries / size if size else None),
+        "num_entries": info.weights.num_entries,
+        "metrics": _mapping(config, "metrics"),
+        "trainer": _mapping(config, "trainer"),
+    }

@@ -1,0 +1,154 @@
+"""Database rows (SQLAlchemy 2.x ORM), kept apart from the ``SFTRecord`` domain objects.
+
+This module describes the newest schema; ``registry/migrations`` builds it step by step, and a test
+checks that the two agree.
+
+- ``series``: one per (kind, language-or-task name, base model); holds the version counter, so a
+  version number is never handed out twice, even after the newest version is removed.
+- ``sfts``: one per stored artifact (``sha256`` is unique: identical SFTs are stored once).
+- ``registry_info``: key/value facts about the database, e.g. its ``registry_id`` (the artifact
+  store records it, so that two databases never share, and garbage-collect, one store).
+- ``tags``: aliases such as ``best`` or ``paper``; unique within a series, so ``ace@best`` names
+  exactly one version (tagging another version moves the alias).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from registry.records import SFTRecord, canonical_reference
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Unique constraints cannot see NULLs as equal, so "no base model recorded" is stored as "".
+UNKNOWN_BASE = ""
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class InfoRow(Base):
+    __tablename__ = "registry_info"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class SeriesRow(Base):
+    __tablename__ = "series"
+    __table_args__ = (UniqueConstraint("name", "kind", "base_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(64))
+    base_model: Mapped[str] = mapped_column(String(255))
+    last_version: Mapped[int] = mapped_column(Integer)
+
+
+class SFTRow(Base):
+    __tablename__ = "sfts"
+    __table_args__ = (
+        UniqueConstraint("series_id", "version"),
+        Index(None, "language"),
+        Index(None, "task"),
+        Index(None, "base_model"),
+        Index(None, "created", "id"),
+        Index(None, "source_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="RESTRICT"))
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    language: Mapped[str | None] = mapped_column(String(64))
+    task: Mapped[str | None] = mapped_column(String(64))
+    base_model: Mapped[str] = mapped_column(String(255))
+    base_revision: Mapped[str | None] = mapped_column(String(255))
+    base_fingerprint: Mapped[str | None] = mapped_column(String(100))
+    method: Mapped[str | None] = mapped_column(String(32))
+    rank: Mapped[str | None] = mapped_column(String(32))
+    keep: Mapped[float | None] = mapped_column(Float)
+    k: Mapped[int | None] = mapped_column(BigInteger)
+    density: Mapped[float | None] = mapped_column(Float)
+    num_entries: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    trainer: Mapped[dict[str, Any]] = mapped_column(JSON)
+    source_id: Mapped[int | None] = mapped_column(ForeignKey("sfts.id", ondelete="SET NULL"))
+    source_reference: Mapped[str | None] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    tags: Mapped[list[TagRow]] = relationship(
+        back_populates="sft", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
+    )
+
+    @property
+    def reference(self) -> str:
+        return canonical_reference(self.kind, self.language if self.kind == "language" else self.task, self.version)
+
+    def to_record(self, path: Path) -> SFTRecord:
+        created = self.created
+        if created.tzinfo is None:  # SQLite drops the zone; we always store UTC
+            created = created.replace(tzinfo=timezone.utc)
+        return SFTRecord(
+            id=self.id,
+            reference=self.reference,
+            kind=self.kind,
+            language=self.language,
+            task=self.task,
+            version=self.version,
+            base_model=self.base_model or None,
+            base_revision=self.base_revision,
+            base_fingerprint=self.base_fingerprint,
+            method=self.method,
+            rank=self.rank,
+            keep=self.keep,
+            k=self.k,
+            density=self.density,
+            num_entries=self.num_entries,
+            sha256=self.sha256,
+            size_bytes=self.size_bytes,
+            metrics=dict(self.metrics or {}),
+            trainer=dict(self.trainer or {}),
+            source_id=self.source_id,
+            source_reference=self.source_reference,
+            created=created,
+            tags=tuple(sorted(tag.name for tag in self.tags)),
+            path=path,
+        )
+
+
+class TagRow(Base):
+    __tablename__ = "tags"
+    __table_args__ = (UniqueConstraint("series_id", "name"), Index(None, "sft_id"), Index(None, "name"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="RESTRICT"))
+    sft_id: Mapped[int] = mapped_column(ForeignKey("sfts.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+
+    sft: Mapped[SFTRow] = relationship(back_populates="tags")

@@ -1,0 +1,265 @@
+"""Compose straight from the base checkpoint's safetensors into the output directory, tensor by tensor.
+
+Why: loading the whole model, touching every page with the sparse updates and saving it again costs
+several times a plain copy of the checkpoint (transformers 5 memory-maps checkpoints, so the plain
+``from_pretrained`` + ``save_pretrained`` is little more than a file copy). Streaming copies each base
+tensor chunk by chunk from the checkpoint through one reused buffer, adds Σ wᵢ φᵢ there and writes it
+(``sftkit.safetensors_io``); no model is ever materialised — mergekit's lazy per-tensor idea.
+
+The target layout (parameter names, shapes, which ones form the head) comes from the model class
+instantiated on the ``meta`` device, so nothing is guessed; when a checkpoint cannot be mapped onto it
+name by name (no safetensors, persistent buffers, tied heads, unusual key names),
+``stream_composition`` returns ``None`` and the caller falls back to the in-memory path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import torch
+
+from sftkit.card import composed_model_card
+from sftkit.errors import BadInputError, BaseMismatchError
+from sftkit.fingerprint import fingerprint_samples, sample_positions
+from sftkit.params import encoder_of, head_parameters
+from sftkit.safetensors_io import TensorInfo, itemsize, open_tensors, read_header, read_into, write_sequential
+
+if TYPE_CHECKING:
+    from sftkit.compose import Plan
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
+_SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", *TOKENIZER_FILES]
+
+
+def base_snapshot(base: str, revision: str | None) -> Path:
+    """A local directory holding the base checkpoint: the path itself, or a Hub snapshot."""
+    path = Path(base)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base, revision=revision, allow_patterns=_SNAPSHOT_PATTERNS))
+    except Exception as exc:  # huggingface_hub raises many types (offline, not found, auth, validation)
+        raise BadInputError(f"cannot load base model {base!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def _checkpoint_files(snapshot: Path) -> list[Path] | None:
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [snapshot / name for name in sorted(set(weight_map.values()))]
+    single = snapshot / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def _target_model(snapshot: Path, composition: Plan):
+    """The output model class on the meta device: names, shapes and head, with no weights."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    labels = composition.labels or []
+    overrides: dict[str, Any] = {}
+    if composition.head == "sequence-classification":
+        overrides = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)},
+        }
+    config = AutoConfig.from_pretrained(snapshot, **overrides)
+    auto = {
+        "sequence-classification": AutoModelForSequenceClassification,
+        "masked-lm": AutoModelForMaskedLM,
+        "none": AutoModel,
+    }[composition.head]
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def _shard_limit(max_shard_size: str | int) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    return convert_file_size_to_int(max_shard_size)
+
+
+class _Sources:
+    """Where each target parameter's base values live in the checkpoint's mapped files."""
+
+    def __init__(self, tensors: dict[str, tuple[BinaryIO, TensorInfo]], model) -> None:
+        self.tensors = tensors
+        self.encoder_is_model = encoder_of(model) is model
+        self.prefix = model.base_model_prefix
+
+    def relative(self, name: str) -> str:
+        """Encoder-relative name of a full-model parameter name (the key of SFT deltas)."""
+        return name if self.encoder_is_model else name.removeprefix(f"{self.prefix}.")
+
+    def key_of(self, name: str) -> str | None:
+        relative = self.relative(name)
+        return next((c for c in (name, relative, f"{self.prefix}.{relative}") if c in self.tensors), None)
+
+
+def stream_composition(
+    base: str, composition: Plan, target: Path, revision: str | None, max_shard_size: str | int
+) -> Path | None:
+    """Write the composed model directory, or return ``None`` when the checkpoint needs the full path."""
+    snapshot = base_snapshot(base, revision)
+    files = _checkpoint_files(snapshot)
+    if files is None:
+        return None
+    model = _target_model(snapshot, composition)
+    state = model.state_dict()
+    if len(state) != len(dict(model.named_parameters(remove_duplicate=False))):
+        return None  # persistent buffers or tied parameters: let save_pretrained decide what to write
+    head_names = {name for name, _ in head_parameters(model)}
+    composition.check_head(sorted(head_names))
+    try:
+        for file in files:
+            read_header(file)
+    except (KeyError, ValueError, OSError):
+        return None  # a dtype or header this reader does not know
+    with open_tensors(files) as tensors:
+        sources = _Sources(tensors, model)
+        keys = {name: sources.key_of(name) for name in state if name not in head_names}
+        if None in keys.values() or any(tensors[k][1].shape != tuple(state[n].shape) for n, k in keys.items() if k):
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            samples = _write_weights(staging, state, keys, sources, composition, _shard_limit(max_shard_size))
+            # Checked after the single pass over the weights, so no tensor is read twice.
+            fingerprint = fingerprint_samples(model.config.model_type, samples)
+            composition.check_fingerprint(fingerprint)
+            _write_side_files(staging, snapshot, model, composition, base, fingerprint)
+            from sftkit.compose import publish
+
+            return publish(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+CHUNK_BYTES = 32 * 2**20  # the one reused buffer; large enough to amortise writes, small enough to stay cached
+
+
+def _composed_chunks(
+    source: BinaryIO, info: TensorInfo, deltas: list[tuple[float, torch.Tensor, torch.Tensor]], buffer: bytearray
+) -> Iterator[tuple[memoryview, torch.Tensor]]:
+    """The base tensor plus Σ wᵢ φᵢ, chunk by chunk through ``buffer``, with each chunk's base fingerprint sample.
+
+    Deltas are added with ``index_add_`` in the tensor's dtype, in SFT order, as ``SparseFineTuning.apply``
+    does, so both composition paths give bit-identical weights.
+    """
+    size = itemsize(info.dtype)
+    numel = (info.end - info.start) // size
+    positions = sample_positions(numel)
+    per_chunk = max(1, len(buffer) // size)
+    for first in range(0, numel, per_chunk):
+        last = min(numel, first + per_chunk)
+        raw = memoryview(buffer)[: (last - first) * size]
+        read_into(source, info.start + first * size, raw)
+        chunk = torch.frombuffer(raw, dtype=info.dtype)
+        lo, hi = torch.searchsorted(positions, torch.tensor([first, last])).tolist()
+        base_sample = chunk[positions[lo:hi] - first].float()
+        for weight, indices, values in deltas:
+            lo, hi = torch.searchsorted(indices, torch.tensor([first, last])).tolist()
+            if hi > lo:
+                chunk.index_add_(0, indices[lo:hi] - first, values[lo:hi].to(info.dtype), alpha=weight)
+        del chunk
+        yield raw, base_sample
+        raw.release()
+
+
+def _shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Greedy packing of parameters, in order, into shards of at most ``limit`` bytes."""
+    shards: list[list[str]] = [[]]
+    total = 0
+    for name, nbytes in sizes.items():
+        if shards[-1] and total + nbytes > limit:
+            shards.append([])
+            total = 0
+        shards[-1].append(name)
+        total += nbytes
+    return shards
+
+
+def _write_weights(
+    staging: Path,
+    state: dict[str, torch.Tensor],
+    keys: dict[str, str | None],
+    sources: _Sources,
+    composition: Plan,
+    shard_limit: int,
+) -> list[tuple[str, tuple[int, ...], torch.Tensor]]:
+    """Write the weights shard by shard; return the base's fingerprint samples read on the way."""
+    head = composition.head_part.sft.full if composition.head_part else {}
+    head_dtype = next(sources.tensors[k][1].dtype for k in keys.values() if k)
+    dtypes = {name: sources.tensors[keys[name]][1].dtype if keys.get(name) else head_dtype for name in state}
+    sizes = {name: state[name].numel() * itemsize(dtypes[name]) for name in state}
+    shards = _shards(sizes, shard_limit)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    samples: list[tuple[str, tuple[int, ...], torch.Tensor]] = []
+    buffer = bytearray(CHUNK_BYTES)
+
+    def chunks(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Iterator[memoryview]:
+        key = keys.get(name)
+        if key is None:
+            yield memoryview(head[name].to(dtype).contiguous().view(-1).view(torch.uint8).numpy())
+            return
+        relative = sources.relative(name)
+        deltas = []
+        for part in composition.parts:
+            delta = part.sft.diffs.get(relative)
+            if delta is not None:
+                if tuple(delta.shape) != shape:
+                    raise BaseMismatchError(f"{relative}: SFT shape {delta.shape} does not match the model's {shape}")
+                deltas.append((part.weight, delta.indices, delta.values))
+        pieces = []
+        for raw, base_sample in _composed_chunks(*sources.tensors[key], deltas, buffer):
+            pieces.append(base_sample)
+            yield raw
+        samples.append((relative, shape, torch.cat(pieces) if pieces else torch.empty(0)))
+
+    for filename, shard in zip(names, shards, strict=True):
+        write_sequential(staging / filename, [(n, dtypes[n], tuple(state[n].shape)) for n in shard], chunks)
+    if len(shards) > 1:
+        weight_map = {name: filename for filename, shard in zip(names, shards, strict=True) for name in shard}
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return samples
+
+
+def _write_side_files(staging: Path, snapshot: Path, model, composition: Plan, base: str, fingerprint: str) -> None:
+    from sftkit.compose import COMPOSE_RECORD, compose_record
+
+    config = model.config
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(staging)
+    copied = [name for name in TOKENIZER_FILES if (snapshot / name).is_file()]
+    if not copied:
+        raise BadInputError(f"cannot load the tokenizer of {base!r}: no tokenizer files in {snapshot}")
+    for name in copied:
+        shutil.copyfile(snapshot / name, staging / name)
+    parts = composition.records()
+    record = compose_record(base, fingerprint, type(model).__name__, parts)
+    (staging / COMPOSE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    (staging / "README.md").write_text(composed_model_card(base, parts, composition.labels))

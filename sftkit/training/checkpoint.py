@@ -1,0 +1,158 @@
+"""The run directory: what an interrupted run needs to resume, written so a crash never corrupts it.
+
+Layout::
+
+    run.json                      configuration, data fingerprints, lineage (a resume must match it)
+    <phase>/checkpoint/           last checkpoint: state.safetensors, optimizer.pt, scheduler.pt, progress.json
+    <phase>/best.safetensors      best state so far by the validation metric
+    <phase>/done.json             the phase finished; its metrics
+    selection.safetensors / .json the mask chosen after the full phase, and the rank report
+
+Only the main process writes. Files are written to a temporary name and renamed; the checkpoint
+directory is staged whole and swapped in. Optimiser states are loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sftkit.errors import BadInputError
+
+MANIFEST = "run.json"
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def _atomic_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(temporary))
+    os.replace(temporary, path)
+
+
+class RunDirectory:
+    def __init__(self, path: str | os.PathLike[str], writer: bool = True) -> None:
+        self.path = Path(path)
+        self.writer = writer
+
+    # ------------------------------------------------------------------ manifest
+    def start(self, manifest: dict[str, Any], resume: bool) -> bool:
+        """Check (resume) or write (fresh start) the manifest; True when resuming an earlier run."""
+        existing = self.path / MANIFEST
+        if resume:
+            if not existing.is_file():
+                raise BadInputError(f"nothing to resume in {self.path}: no interrupted run with these settings")
+            previous = json.loads(existing.read_text())
+            if json.loads(json.dumps(manifest, sort_keys=True, default=str)) != previous:
+                changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
+                raise BadInputError(
+                    f"cannot resume the run in {self.path}: it was started with different {', '.join(changed)}"
+                )
+            return True
+        if self.writer:
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
+            _atomic_json(existing, manifest)
+        return False
+
+    def remove(self) -> None:
+        if self.writer:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ per phase
+    def _phase(self, phase: str) -> Path:
+        directory = self.path / phase
+        if self.writer:
+            directory.mkdir(parents=True, exist_ok=True)
+        return directory
+
+    def save_best(self, phase: str, state: Mapping[str, torch.Tensor]) -> None:
+        if self.writer:
+            _atomic_tensors(self._phase(phase) / "best.safetensors", state)
+
+    def load_best(self, phase: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / phase / "best.safetensors"))
+
+    def save_checkpoint(
+        self,
+        phase: str,
+        state: Mapping[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        progress: dict[str, Any],
+    ) -> None:
+        if not self.writer:
+            return
+        final = self._phase(phase) / "checkpoint"
+        staging = final.with_name(f".checkpoint.partial-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
+        try:
+            save_file(
+                {name: t.detach().cpu().contiguous() for name, t in state.items()}, str(staging / "state.safetensors")
+            )
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+            (staging / "progress.json").write_text(json.dumps(progress, indent=2, default=str))
+            if final.exists():
+                retired = final.with_name(f".checkpoint.old-{uuid.uuid4().hex[:8]}")
+                final.rename(retired)
+                staging.rename(final)
+                shutil.rmtree(retired)
+            else:
+                staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def load_checkpoint(self, phase: str) -> tuple[dict[str, torch.Tensor], Any, Any, dict[str, Any]] | None:
+        directory = self.path / phase / "checkpoint"
+        if not (directory / "progress.json").is_file():
+            return None
+        state = load_file(str(directory / "state.safetensors"))
+        optimizer = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        scheduler = torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True)
+        return state, optimizer, scheduler, json.loads((directory / "progress.json").read_text())
+
+    def mark_done(self, phase: str, summary: dict[str, Any]) -> None:
+        if self.writer:
+            _atomic_json(self._phase(phase) / "done.json", summary)
+            shutil.rmtree(self.path / phase / "checkpoint", ignore_errors=True)
+
+    def done(self, phase: str) -> dict[str, Any] | None:
+        path = self.path / phase / "done.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    # ------------------------------------------------------------------ mask selection
+    def save_selection(self, masks: Mapping[str, torch.Tensor], info: dict[str, Any]) -> None:
+        if not self.writer:
+            return
+        indices = {name: mask.reshape(-1).nonzero().flatten() for name, mask in masks.items()}
+        shapes = {name: list(mask.shape) for name, mask in masks.items()}
+        _atomic_tensors(self.path / "selection.safetensors", indices)
+        _atomic_json(self.path / "selection.json", {**info, "shapes": shapes})
+
+    def load_selection(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        info_path = self.path / "selection.json"
+        if not info_path.is_file():
+            return None
+        info = json.loads(info_path.read_text())
+        shapes = info.pop("shapes")
+        masks = {}
+        for name, indices in load_file(str(self.path / "selection.safetensors")).items():
+            mask = torch.zeros(int(torch.Size(shapes[name]).numel()), dtype=torch.bool)
+            mask[indices] = True
+            masks[name] = mask.view(shapes[name])
+        return masks, info

@@ -1,0 +1,123 @@
+"""Classification scores (macro-F1, accuracy, per class) of a model on labelled data.
+
+Scores come from a confusion matrix, which sums across processes in a distributed run and is all a
+checkpoint choice needs. Macro-F1 averages over the labels that occur in the gold labels or the
+predictions (scikit-learn's convention), with F1 = 0 for a label never predicted correctly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftkit.errors import BadInputError
+
+
+def confusion_matrix(gold: torch.Tensor, predicted: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """``[gold, predicted]`` counts (int64)."""
+    flat = gold.reshape(-1).long() * num_labels + predicted.reshape(-1).long()
+    return torch.bincount(flat, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
+
+
+def scores(confusion: torch.Tensor, labels: Sequence[str]) -> dict[str, Any]:
+    """``{"macro_f1", "accuracy", "per_class": {label: precision, recall, f1, support}, "n"}``."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    gold = confusion.sum(dim=1)
+    predicted = confusion.sum(dim=0)
+    total = float(confusion.sum())
+    precision = torch.where(predicted > 0, true_positive / predicted.clamp(min=1), torch.zeros_like(predicted))
+    recall = torch.where(gold > 0, true_positive / gold.clamp(min=1), torch.zeros_like(gold))
+    denominator = precision + recall
+    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp(min=1e-300), torch.zeros_like(gold))
+    present = (gold > 0) | (predicted > 0)
+    per_class = {
+        label: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(gold[i]),
+        }
+        for i, label in enumerate(labels)
+    }
+    return {
+        "macro_f1": float(f1[present].mean()) if bool(present.any()) else 0.0,
+        "accuracy": float(true_positive.sum() / total) if total else 0.0,
+        "per_class": per_class,
+        "n": int(total),
+    }
+
+
+@torch.no_grad()
+def confusion_of(model: Any, batches: Iterable[dict[str, torch.Tensor]], num_labels: int) -> torch.Tensor:
+    """Confusion matrix of ``model``'s argmax predictions on collated batches that carry ``labels``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
+    for batch in batches:
+        inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+        predicted = model(**inputs).logits.argmax(dim=-1).cpu()
+        confusion += confusion_matrix(batch["labels"], predicted, num_labels)
+    model.train(was_training)
+    return confusion
+
+
+def evaluate(
+    model_or_dir: Any,
+    data: str | os.PathLike[str] | Sequence[Any],
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    device: str = "auto",
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    pair: bool | None = None,
+) -> dict[str, Any]:
+    """Score a sequence classifier (a model directory such as ``sftkit compose`` writes, or a model).
+
+    ``data``: a labelled file (CSV/TSV/JSONL, NusaX/SMSA/AmericasNLI formats) or in-memory examples.
+    Labels come from the model's ``id2label``; a data label outside it is an error naming the line.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sftkit.training.data import load_labelled
+    from sftkit.training.features import tokenize_labelled
+
+    if isinstance(model_or_dir, str | os.PathLike):
+        directory = Path(model_or_dir)
+        if not (directory / "config.json").is_file():
+            raise BadInputError(f"{directory} is not a model directory (no config.json)")
+        model = AutoModelForSequenceClassification.from_pretrained(directory)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
+    else:
+        model = model_or_dir
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.config.name_or_path)
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    id2label = {int(i): str(label) for i, label in model.config.id2label.items()}
+    labels = [id2label[i] for i in range(len(id2label))]
+    examples = load_labelled(
+        data,
+        pair=pair,
+        text_column=text_column,
+        text_pair_column=text_pair_column,
+        label_column=label_column,
+        labels=labels,
+    )
+    length = max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
+    items = tokenize_labelled(tokenizer, examples.examples, {label: i for i, label in enumerate(labels)}, length)
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    batches = (collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size))
+    return scores(confusion_of(model, batches, len(labels)), labels)

@@ -1,0 +1,97 @@
+"""From texts to batches: tokenisation, the held-out split, the batch order and the collators.
+
+The batch order is a pure function of (seed, step), so a resumed run sees exactly the batches the
+interrupted one would have, and every process of a distributed run takes its own slice of the same
+global batch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from sftkit.errors import BadInputError
+from sftkit.training.data import LabelledExample
+
+Item = dict[str, Any]
+
+
+def tokenize_corpus(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[Item]:
+    """Concatenate the tokenised texts and cut them into blocks of ``max_length`` (as HF's run_mlm does).
+
+    Blocks waste no padding on short lines; the last, shorter block is kept so small corpora lose nothing.
+    """
+    ids: list[int] = []
+    for encoded in tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]:
+        ids.extend(encoded)
+    blocks = [ids[start : start + max_length] for start in range(0, len(ids), max_length)]
+    return [{"input_ids": block, "attention_mask": [1] * len(block)} for block in blocks if len(block) > 2]
+
+
+def tokenize_labelled(
+    tokenizer: Any, examples: Sequence[LabelledExample], label2id: dict[str, int], max_length: int
+) -> list[Item]:
+    firsts = [example.text for example in examples]
+    pairs = [example.text_pair for example in examples]
+    encoded = tokenizer(
+        firsts, pairs if pairs and pairs[0] is not None else None, truncation=True, max_length=max_length
+    )
+    return [
+        {"input_ids": ids, "attention_mask": mask, "labels": label2id[example.label]}
+        for ids, mask, example in zip(encoded["input_ids"], encoded["attention_mask"], examples, strict=True)
+    ]
+
+
+def holdout_split(items: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, held out): a seeded random ``fraction`` of the items, at least one, never all."""
+    if len(items) < 2:
+        raise BadInputError(f"need at least 2 examples to hold some out for validation, got {len(items)}")
+    held = min(max(1, round(fraction * len(items))), len(items) - 1)
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    chosen = set(order[:held])
+    return [x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen]
+
+
+class BatchOrder:
+    """Global batch ``step`` = a slice of the epoch's seeded permutation, wrapped round to full batches."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if batch_size % world:
+            raise BadInputError(f"batch size {batch_size} is not a multiple of the {world} processes")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world = rank, world
+        self.steps_per_epoch = -(-size // batch_size)
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> list[int]:
+        """This process's share of the global batch at ``step``."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.size, generator=generator)
+            repeats = -(-self.steps_per_epoch * self.batch_size // self.size)
+            self._epoch, self._order = epoch, order.repeat(repeats)
+        batch = self._order[position * self.batch_size : (position + 1) * self.batch_size]
+        share = self.batch_size // self.world
+        return batch[self.rank * share : (self.rank + 1) * share].tolist()
+
+
+def make_collator(kind: str, tokenizer: Any, mlm_probability: float, seed: int | None = None) -> Any:
+    """MLM masking (15 % by default) for language SFTs, dynamic padding for task SFTs.
+
+    ``seed=None`` draws masks from torch's global generator, which the trainer reseeds every step.
+    """
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+
+    if kind == "language":
+        return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def fixed_batches(items: Sequence[Item], collator: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Validation batches collated once (with fixed MLM masks), so every evaluation scores the same task."""
+    return [dict(collator(list(items[i : i + batch_size]))) for i in range(0, len(items), batch_size)]

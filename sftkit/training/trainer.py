@@ -1,0 +1,586 @@
+"""The two-phase trainer (LT-SFT, with DEFT-X's denoising between the phases).
+
+1. Full phase: from θ_start (θ0, or θ0 + φ_source for a task SFT), fine-tune every maskable
+   parameter and the head (LayerNorm frozen); keep the best checkpoint θ1 by the validation metric.
+2. Selection: δ = θ1 − θ_start; DEFT-X denoises each matrix (``rank`` ``none`` skips this: LT-SFT);
+   the mask is the k largest |δ| over all maskable parameters (``sftkit.deftx``).
+3. Sparse phase: back to θ_start with the head as initialised, train only the masked entries and the
+   head (``SparseUpdater``: memory ∝ k), optional L1 towards θ_start; keep the best checkpoint θ2.
+4. φ = θ2 − θ_start at the mask (exactly k entries) plus the head, with metadata saying how it was made.
+
+Models, tokenisers, collators and schedules are 🤗 transformers'; the loop is ours because the sparse
+phase must not hold what a dense trainer holds (dense gradient buckets, dense optimiser state).
+Runs under ``torchrun`` (DDP in the full phase, one flat all-reduce of ∝ k gradients in the sparse
+phase); every step's randomness is seeded from (seed, phase, rank, step), so ``resume`` continues an
+interrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from sftkit.compose import load_base, quiet_transformers
+from sftkit.errors import BadInputError, BaseMismatchError, SftkitError
+from sftkit.fingerprint import base_fingerprint
+from sftkit.params import encoder_of, is_maskable_name, maskable_parameters
+from sftkit.sft import SFTMetadata, SparseFineTuning
+from sftkit.training.checkpoint import RunDirectory
+from sftkit.training.config import TrainConfig
+from sftkit.training.data import Corpus, LabelledData, load_corpus, load_labelled
+from sftkit.training.distributed import Dist
+from sftkit.training.evaluation import confusion_of, scores
+from sftkit.training.features import (
+    BatchOrder,
+    fixed_batches,
+    holdout_split,
+    make_collator,
+    tokenize_corpus,
+    tokenize_labelled,
+)
+from sftkit.training.sparse import SparseUpdater, unique_head_parameters
+
+PHASES = ("full", "sparse")
+HEAD_TYPES = {"language": "masked-lm", "task": "sequence-classification"}
+
+
+class Reporter(Protocol):
+    """Progress events (only the main process reports); the CLI renders them with rich."""
+
+    def phase_started(self, phase: str, total_steps: int, done_steps: int) -> None: ...
+    def step(self, step: int, loss: float) -> None: ...
+    def evaluated(self, step: int, metrics: dict[str, Any]) -> None: ...
+    def phase_finished(self, phase: str, summary: dict[str, Any]) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class NullReporter:
+    def phase_started(self, phase: str, total_steps: int, done_steps: int) -> None:
+        pass
+
+    def step(self, step: int, loss: float) -> None:
+        pass
+
+    def evaluated(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def phase_finished(self, phase: str, summary: dict[str, Any]) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    sft: SparseFineTuning
+    model: Any  # θ2 with its head: θ_start + φ
+    tokenizer: Any
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The selected entries as boolean masks of every maskable parameter (built on demand)."""
+        masks = {}
+        for name, param in maskable_parameters(self.model):
+            mask = torch.zeros(param.numel(), dtype=torch.bool)
+            if name in self.sft.diffs:
+                mask[self.sft.diffs[name].indices] = True
+            masks[name] = mask.view(param.shape)
+        return masks
+
+
+def train_sft(config: TrainConfig, **kwargs: Any) -> SparseFineTuning:
+    """Train and return the SFT (see ``train`` for the keyword arguments)."""
+    return train(config, **kwargs).sft
+
+
+def train(
+    config: TrainConfig,
+    *,
+    train_data: Sequence[Any] | str | None = None,
+    validation_data: Sequence[Any] | str | None = None,
+    source: SparseFineTuning | None = None,
+    source_lineage: dict[str, Any] | None = None,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    keep_work_dir: bool = False,
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """Train one SFT as ``config`` says.
+
+    ``train_data`` / ``validation_data``: in-memory data (texts; ``(text, label)`` or ``(premise,
+    hypothesis, label)`` tuples) or a path, overriding ``config.train`` / ``config.validation``.
+    ``source``: the source-language SFT a task SFT starts from (θ_start = θ0 + φ_source); its
+    ``source_lineage`` ({reference, sha256, language}) goes into the metadata. ``work_dir`` holds
+    checkpoints (a temporary directory by default); ``resume`` continues the interrupted run in it.
+    The run directory is removed after success unless ``keep_work_dir``.
+    """
+    dist = Dist.from_environment()
+    try:
+        run = _Run(config, dist, reporter if (reporter is not None and dist.is_main) else NullReporter())
+        return run.execute(train_data, validation_data, source, source_lineage, work_dir, resume, keep_work_dir)
+    finally:
+        dist.close()
+
+
+def _step_seed(seed: int, phase: int, rank: int, step: int) -> int:
+    return (((seed * 7919 + phase) * 1_000_003 + step) * 131 + rank) % (2**63)
+
+
+def resolve_k(k: int | float | str, maskable_entries: int) -> int:
+    """A count (``7600000``, ``"7.6M"``) or a fraction of the maskable entries (``0.028``) → a count."""
+    from sftkit.deftx import parse_k
+
+    value = parse_k(k) if isinstance(k, str) else k
+    count = round(value * maskable_entries) if isinstance(value, float) and value < 1 else int(value)
+    if not 1 <= count <= maskable_entries:
+        raise BadInputError(f"k = {k} selects {count} entries, but the model has {maskable_entries} maskable entries")
+    return count
+
+
+class _DensePhase:
+    """Full fine-tuning of the maskable parameters and the head (DDP across processes)."""
+
+    def __init__(self, model: nn.Module, dist: Dist, device: torch.device) -> None:
+        for param in encoder_of(model).parameters():
+            param.requires_grad_(False)
+        self.maskable = list(maskable_parameters(model))
+        self.head = unique_head_parameters(model)
+        for _, param in self.maskable + self.head:
+            param.requires_grad_(True)
+        self.forward_model: nn.Module = model
+        if dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [param for _, param in self.maskable + self.head]
+
+    def regularisation(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def reduce_gradients(self) -> None:
+        pass  # DDP averaged them during backward
+
+    def after_step(self) -> None:
+        pass
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = {f"enc::{name}": p.detach().cpu().clone() for name, p in self.maskable}
+        state.update({f"head::{name}": p.detach().cpu().clone() for name, p in self.head})
+        return state
+
+    @torch.no_grad()
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        for name, param in self.maskable:
+            param.copy_(state[f"enc::{name}"])
+        for name, param in self.head:
+            param.copy_(state[f"head::{name}"])
+
+    def close(self) -> None:
+        self.forward_model = None  # drops DDP's gradient hooks before the sparse phase
+        gc.collect()
+
+
+class _SparsePhase:
+    """Only the masked entries and the head train; gradients (∝ k) are averaged across processes."""
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor], dist: Dist, l1: float, scale: int):
+        self.updater = SparseUpdater(model, masks, l1=l1, l1_scale=scale)
+        self.forward_model = model
+        self.dist = dist
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self.updater.parameters()
+
+    def regularisation(self) -> torch.Tensor:
+        return self.updater.regularisation()
+
+    def reduce_gradients(self) -> None:
+        self.dist.average_gradients(self.updater.parameters())
+
+    def after_step(self) -> None:
+        self.updater.write_back()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.updater.state()
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.updater.load_state(state)
+
+    def close(self) -> None:
+        self.updater.close()
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, dist: Dist, reporter: Reporter) -> None:
+        self.config = config
+        self.dist = dist
+        self.reporter = reporter
+        self.device = dist.device(config.device)
+        self.language_mode = config.kind == "language"
+
+    # ------------------------------------------------------------------ setup
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        kwargs = {"revision": self.config.base_revision} if self.config.base_revision else {}
+        try:
+            with quiet_transformers():
+                return AutoTokenizer.from_pretrained(self.config.base_model, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise BadInputError(
+                f"cannot load the tokenizer of base model {self.config.base_model!r}: {str(exc).splitlines()[0]}"
+            ) from exc
+
+    def _load_data(self, train_data: Any, validation_data: Any) -> None:
+        cfg = self.config
+        train_source = train_data if train_data is not None else cfg.train
+        if train_source is None:
+            flag = "--corpus" if self.language_mode else "--train"
+            raise BadInputError(f"no training data: pass {flag} FILE")
+        validation_source = validation_data if validation_data is not None else cfg.validation
+        tokenizer, length = self.tokenizer, cfg.max_length
+        if self.language_mode:
+            corpus = load_corpus(train_source, cfg.text_column)
+            if validation_source is not None:
+                held: Corpus = load_corpus(validation_source, cfg.text_column)
+                train_texts, held_texts = corpus.texts, held.texts
+            else:
+                held = None
+                train_texts, held_texts = holdout_split(corpus.texts, cfg.holdout, cfg.seed)
+            self.train_items = tokenize_corpus(tokenizer, train_texts, length)
+            self.validation_items = tokenize_corpus(tokenizer, held_texts, length)
+            self.labels: list[str] | None = None
+            self.data_record = {"train": corpus.describe(), "validation": held.describe() if held else None}
+        else:
+            options = {
+                "text_column": cfg.text_column,
+                "text_pair_column": cfg.text_pair_column,
+                "label_column": cfg.label_column,
+            }
+            labelled: LabelledData = load_labelled(train_source, pair=cfg.is_pair, labels=cfg.labels, **options)
+            self.labels = list(cfg.labels) if cfg.labels else labelled.labels
+            if len(self.labels) < 2:
+                raise BadInputError(f"{labelled.source}: only one label ({self.labels[0]}); a classifier needs two")
+            label2id = {label: i for i, label in enumerate(self.labels)}
+            held_data = None
+            if validation_source is not None:
+                held_data = load_labelled(validation_source, pair=labelled.pair, labels=self.labels, **options)
+                train_examples, held_examples = labelled.examples, held_data.examples
+            else:
+                train_examples, held_examples = holdout_split(labelled.examples, cfg.holdout, cfg.seed)
+            self.train_items = tokenize_labelled(tokenizer, train_examples, label2id, length)
+            self.validation_items = tokenize_labelled(tokenizer, held_examples, label2id, length)
+            self.data_record = {
+                "train": labelled.describe(),
+                "validation": held_data.describe() if held_data else None,
+            }
+        if self.data_record["validation"] is None:
+            self.data_record["validation"] = {"held_out_of_train": cfg.holdout}
+        if not self.train_items or not self.validation_items:
+            raise BadInputError("the data is too small to form training and validation batches")
+
+    def _load_model(self, source: SparseFineTuning | None) -> None:
+        torch.manual_seed(self.config.seed)  # the classifier head's initialisation
+        with quiet_transformers():
+            model = load_base(
+                self.config.base_model, HEAD_TYPES[self.config.kind], self.labels, self.config.base_revision
+            )
+        self.model = model.to(self.device)
+        self.base_fingerprint = base_fingerprint(self.model)
+        if source is not None:
+            if self.language_mode:
+                raise BadInputError("a source-language SFT only applies to task SFTs")
+            if source.metadata.kind != "language":
+                raise BadInputError("the source SFT must be a language SFT")
+            theirs = source.metadata.base_fingerprint
+            if theirs is not None and theirs != self.base_fingerprint:
+                raise BaseMismatchError(
+                    f"source-language SFT {source.metadata.name!r} was trained on base "
+                    f"{source.metadata.base_model!r}, not on {self.config.base_model!r}"
+                )
+            source.apply(self.model, with_head=False)
+        self.maskable_entries = sum(param.numel() for _, param in maskable_parameters(self.model))
+        self.k = resolve_k(self.config.k, self.maskable_entries)
+        self.start_state = {
+            **{f"enc::{name}": p.detach().cpu().clone() for name, p in maskable_parameters(self.model)},
+            **{f"head::{name}": p.detach().cpu().clone() for name, p in unique_head_parameters(self.model)},
+        }
+
+    # ------------------------------------------------------------------ the run
+    def execute(
+        self,
+        train_data: Any,
+        validation_data: Any,
+        source: SparseFineTuning | None,
+        lineage: dict[str, Any] | None,
+        work_dir: str | Path | None,
+        resume: bool,
+        keep_work_dir: bool,
+    ) -> TrainResult:
+        cfg = self.config
+        self.tokenizer = self._load_tokenizer()
+        self._load_data(train_data, validation_data)
+        if source is not None and lineage is None:
+            lineage = {"reference": None, "sha256": None, "language": source.metadata.language}
+        self.lineage = lineage if source is not None else None
+        self._load_model(source)
+        collator = make_collator(cfg.kind, self.tokenizer, cfg.mlm_probability)
+        self.collate = collator
+        self.validation_batches = fixed_batches(
+            self.validation_items,
+            make_collator(cfg.kind, self.tokenizer, cfg.mlm_probability, seed=cfg.seed),
+            cfg.eval_batch_size,
+        )
+        self.order = BatchOrder(len(self.train_items), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world)
+        self.total_steps = cfg.total_steps(len(self.train_items))
+
+        temporary = work_dir is None
+        if temporary and resume:
+            raise BadInputError("resume needs the run directory of the interrupted run (work_dir)")
+        directory = str(work_dir) if work_dir else None
+        if directory is None and self.dist.is_main:
+            directory = tempfile.mkdtemp(prefix="sftkit-run-")
+        directory = self.dist.broadcast(directory)
+        self.run_dir = RunDirectory(directory, writer=self.dist.is_main)
+        manifest = {
+            "config": cfg.to_dict(),
+            "data": self.data_record,
+            "source_sft": self.lineage,
+            "world_size": self.dist.world,
+        }
+        resuming = self.run_dir.start(manifest, resume)
+        self.dist.barrier()
+        if resuming:
+            self.reporter.note(f"resuming the run in {directory}")
+
+        summaries = {}
+        selection = self.run_dir.load_selection() if resuming else None
+        if selection is None:
+            dense = _DensePhase(self.model, self.dist, self.device)
+            summaries["full"] = self._train_phase(0, dense, resuming)
+            dense.close()
+            masks, selection_info = self._select(summaries["full"])
+        else:
+            masks, selection_info = selection
+            summaries["full"] = self.run_dir.done("full") or {}
+        self._reset_to_start()
+        sparse = _SparsePhase(self.model, masks, self.dist, cfg.l1, self.maskable_entries)
+        del masks  # the updater keeps the selected indices only: memory ∝ k
+        summaries["sparse"] = self._train_phase(1, sparse, resuming)
+        sft = self._build_sft(sparse, summaries, selection_info)
+        sparse.close()
+        self._check_ranks_agree(sft)
+        for param in self.model.parameters():
+            param.requires_grad_(True)
+        if temporary or not keep_work_dir:
+            self.run_dir.remove()
+        return TrainResult(sft, self.model, self.tokenizer, sft.metadata.metrics)
+
+    def _select(self, full_summary: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """δ = θ1 − θ_start → (DEFT-X denoising) → global top-k mask; computed once, shared by file."""
+        from sftkit import deftx
+
+        cfg = self.config
+        if self.dist.is_main:
+            rank = deftx.parse_rank(cfg.rank)
+            deltas = {
+                name: param.detach().float().cpu() - self.start_state[f"enc::{name}"].float()
+                for name, param in maskable_parameters(self.model)
+            }
+            self.reporter.note(f"selecting {self.k:,} of {self.maskable_entries:,} entries (rank {cfg.rank})")
+            report: list[dict[str, Any]] = []
+            if rank is not None:
+                deltas, report = deftx.denoise_all(deltas, rank, keep=cfg.keep, maskable=is_maskable_name)
+            masks = deftx.select(deltas, self.k)
+            del deltas
+            self.run_dir.save_selection(masks, {"rank_report": _jsonable(report), "k": self.k})
+            self.run_dir.mark_done("full", full_summary)
+        self.dist.barrier()
+        loaded = self.run_dir.load_selection()
+        assert loaded is not None
+        return loaded
+
+    @torch.no_grad()
+    def _reset_to_start(self) -> None:
+        """θ_start for the encoder and the head as initialised: the sparse phase starts where the full one did."""
+        for name, param in maskable_parameters(self.model):
+            param.copy_(self.start_state[f"enc::{name}"])
+        for name, param in unique_head_parameters(self.model):
+            param.copy_(self.start_state[f"head::{name}"])
+        del self.start_state  # the sparse phase keeps θ_start only at the k selected entries
+        gc.collect()
+
+    # ------------------------------------------------------------------ one phase
+    def _train_phase(self, index: int, phase: _DensePhase | _SparsePhase, resuming: bool) -> dict[str, Any]:
+        from transformers import get_linear_schedule_with_warmup
+
+        cfg, name = self.config, PHASES[index]
+        if resuming and (done := self.run_dir.done(name)) is not None and index == 1:
+            phase.load_state(self.run_dir.load_best(name))
+            return done
+        optimizer = torch.optim.AdamW(phase.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
+        metric = cfg.best_metric
+        progress: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "history": []}
+        checkpoint = self.run_dir.load_checkpoint(name) if resuming else None
+        if checkpoint is not None:
+            state, optimizer_state, scheduler_state, progress = checkpoint
+            phase.load_state(state)
+            optimizer.load_state_dict(optimizer_state)
+            scheduler.load_state_dict(scheduler_state)
+        self.reporter.phase_started(name, self.total_steps, progress["step"])
+        model = phase.forward_model
+        self.model.train()
+        for step in range(progress["step"], self.total_steps):
+            torch.manual_seed(_step_seed(cfg.seed, index, self.dist.rank, step))
+            batch = self.collate([self.train_items[i] for i in self.order.indices(step)])
+            batch = {key: value.to(self.device) for key, value in batch.items()}
+            loss = model(**batch).loss
+            total = loss + phase.regularisation().to(loss.device)
+            total.backward()
+            phase.reduce_gradients()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(phase.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            phase.after_step()
+            self.reporter.step(step + 1, float(loss.detach()))
+            if (step + 1) % cfg.eval_steps == 0 or step + 1 == self.total_steps:
+                metrics = self._evaluate()
+                progress["history"].append({"step": step + 1, **metrics})
+                if _better(metric, metrics[metric], progress["best"]):
+                    progress["best"], progress["best_step"] = metrics[metric], step + 1
+                    self.run_dir.save_best(name, phase.state())
+                progress["step"] = step + 1
+                self.run_dir.save_checkpoint(name, phase.state(), optimizer, scheduler, progress)
+                self.reporter.evaluated(step + 1, metrics)
+                self.dist.barrier()
+        phase.load_state(self.run_dir.load_best(name))
+        summary = {
+            "steps": self.total_steps,
+            "best_step": progress["best_step"],
+            metric: progress["best"],
+            "history": progress["history"],
+        }
+        if index == 1:
+            self.run_dir.mark_done(name, summary)
+        self.reporter.phase_finished(name, summary)
+        return summary
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, Any]:
+        """Validation metrics, each process scoring its share of the batches; sums all-reduced."""
+        mine = self.validation_batches[self.dist.rank :: self.dist.world]
+        self.model.eval()
+        try:
+            if self.language_mode:
+                totals = torch.zeros(2, dtype=torch.float64)
+                for batch in mine:
+                    batch = {key: value.to(self.device) for key, value in batch.items()}
+                    logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                    labels = batch["labels"]
+                    loss = nn.functional.cross_entropy(
+                        logits.view(-1, logits.size(-1)).float(), labels.view(-1), ignore_index=-100, reduction="sum"
+                    )
+                    totals += torch.tensor([float(loss), float((labels != -100).sum())], dtype=torch.float64)
+                self.dist.sum_(totals)
+                return {"loss": float(totals[0] / totals[1]) if totals[1] else float("nan")}
+            assert self.labels is not None
+            confusion = self.dist.sum_(confusion_of(self.model, mine, len(self.labels)))
+            result = scores(confusion, self.labels)
+            return {"macro_f1": result["macro_f1"], "accuracy": result["accuracy"]}
+        finally:
+            self.model.train()
+
+    # ------------------------------------------------------------------ the artifact
+    def _build_sft(
+        self, sparse: _SparsePhase, summaries: dict[str, Any], selection_info: dict[str, Any]
+    ) -> SparseFineTuning:
+        from sftkit.params import head_parameters
+
+        cfg = self.config
+        diffs = sparse.updater.deltas()
+        full = {name: param.detach().float().cpu().clone() for name, param in head_parameters(self.model)}
+        trainer = cfg.to_dict()
+        trainer.update(
+            {
+                "steps_per_phase": self.total_steps,
+                "train_examples": len(self.train_items),
+                "validation_examples": len(self.validation_items),
+                "world_size": self.dist.world,
+                "device": self.device.type,
+            }
+        )
+        metadata = SFTMetadata(
+            kind=cfg.kind,
+            language=cfg.language,
+            task=cfg.task,
+            labels=self.labels,
+            base_model=cfg.base_model,
+            base_revision=cfg.base_revision,
+            base_fingerprint=self.base_fingerprint,
+            head_type=HEAD_TYPES[cfg.kind],
+            method=cfg.method,
+            rank=str(cfg.rank).lower(),
+            keep=cfg.keep if cfg.method == "deftx" else None,
+            k=self.k,
+            maskable_entries=self.maskable_entries,
+            density=self.k / self.maskable_entries,
+            source_sft=self.lineage,
+            metrics=summaries,
+            trainer=trainer,
+            rank_report=selection_info.get("rank_report", []),
+            data=self.data_record,
+        )
+        sft = SparseFineTuning(diffs, full, metadata)
+        if sft.num_entries != self.k:
+            raise SftkitError(f"internal error: the SFT has {sft.num_entries} entries, not k = {self.k}")
+        return sft
+
+    def _check_ranks_agree(self, sft: SparseFineTuning) -> None:
+        """Every process must end with the same φ (same masks, same values); fail loudly otherwise."""
+        if not self.dist.active:
+            return
+        digest = hashlib.sha256()
+        for name in sorted(sft.diffs):
+            digest.update(name.encode())
+            digest.update(sft.diffs[name].indices.numpy().tobytes())
+            digest.update(sft.diffs[name].values.numpy().tobytes())
+        digests = self.dist.gather(digest.hexdigest())
+        if len(set(digests)) != 1:
+            raise SftkitError(f"the {self.dist.world} processes ended with different SFTs: {digests}")
+
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def _jsonable(report: Any) -> Any:
+    """Rank reports may hold tensors or numpy numbers; metadata must be JSON."""
+    if isinstance(report, dict):
+        return {str(k): _jsonable(v) for k, v in report.items()}
+    if isinstance(report, list | tuple):
+        return [_jsonable(v) for v in report]
+    if isinstance(report, torch.Tensor):
+        return report.tolist()
+    if hasattr(report, "item") and callable(report.item):
+        return report.item()
+    return report

@@ -1,0 +1,83 @@
+"""Shared by the registry tests: tiny SFTs (no model needed) and database backends.
+
+The PostgreSQL backend gives every test its own schema in the database named by
+``SFTKIT_TEST_PG_URL`` (``.ci/postgres`` starts one), so parallel test workers never meet;
+without that variable the PostgreSQL variants skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+def tiny_sft(
+    name: str = "ace",
+    kind: str = "language",
+    seed: int = 0,
+    base_model: str | None = "tiny-base",
+    fingerprint: str | None = "sha256:tiny",
+    **metadata,
+):
+    """A two-parameter SFT with random sparse deltas; different seeds give different content."""
+    import torch
+
+    from sftkit.sft import SFTMetadata, SparseFineTuning
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def sparse(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * (torch.rand(shape, generator=generator) < 0.3)
+
+    deltas = {
+        "embeddings.word_embeddings.weight": sparse(12, 4),
+        "encoder.layer.0.attention.self.query.weight": sparse(4, 4),
+        "encoder.layer.1.intermediate.dense.weight": sparse(8, 4),
+        "encoder.layer.1.intermediate.dense.bias": sparse(8),
+    }
+    meta = SFTMetadata(
+        kind=kind,
+        language=name if kind == "language" else None,
+        task=name if kind == "task" else None,
+        base_model=base_model,
+        base_fingerprint=fingerprint,
+        **metadata,
+    )
+    return SparseFineTuning.from_dense_deltas(deltas, full={"classifier.weight": torch.ones(2, 4)}, metadata=meta)
+
+
+def sft_dirs(root: Path, count: int, name: str = "ace", start_seed: int = 0) -> list[Path]:
+    """``count`` distinct SFT directories, for processes that should not need torch."""
+    return [tiny_sft(name, seed=start_seed + i).save(root / f"{name}-{i}") for i in range(count)]
+
+
+@contextlib.contextmanager
+def backend_url(backend: str) -> Iterator[str | None]:
+    """None (the SQLite file in the home) or a PostgreSQL URL with a fresh, private schema."""
+    if backend == "sqlite":
+        yield None
+        return
+    base = os.environ.get("SFTKIT_TEST_PG_URL")
+    if not base:
+        pytest.skip("SFTKIT_TEST_PG_URL is not set (.ci/postgres starts a server)")
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    schema = f"sftkit_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()

@@ -1,0 +1,110 @@
+"""``sftkit compose`` through the registry: the user's example command, its JSON and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+from typer.testing import CliRunner
+
+from cli.main import app
+from registry import Registry
+from sftkit.fingerprint import base_fingerprint
+from sftkit.params import head_parameters, maskable_parameters
+from sftkit.sft import SFTMetadata, SparseFineTuning
+from sftkit.toy import LABELS
+
+runner = CliRunner()
+
+
+def _sft(model, kind: str, name: str, base: str, seed: int) -> SparseFineTuning:
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {
+        n: torch.randn(p.shape, generator=generator) * (torch.rand(p.shape, generator=generator) < 0.05)
+        for n, p in maskable_parameters(model)
+    }
+    head = {n: torch.randn(p.shape, generator=generator) for n, p in head_parameters(model)}
+    metadata = SFTMetadata(
+        kind=kind,
+        language=name if kind == "language" else None,
+        task=name if kind == "task" else None,
+        labels=list(LABELS) if kind == "task" else None,
+        base_model=base,
+        base_fingerprint=base_fingerprint(model),
+    )
+    return SparseFineTuning.from_dense_deltas(deltas, head, metadata)
+
+
+@pytest.fixture
+def populated(tiny_base, other_base, sftkit_home):
+    registry = Registry.open()
+    mlm = AutoModelForMaskedLM.from_pretrained(tiny_base)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=3)
+    registry.add(_sft(mlm, "language", "ban", str(tiny_base), 1))
+    registry.add(_sft(classifier, "task", "sa", str(tiny_base), 2))
+    other = AutoModelForMaskedLM.from_pretrained(other_base)
+    registry.add(_sft(other, "language", "ace", str(other_base), 3))
+    return registry
+
+
+def test_user_example_compose_task_and_language(populated, tiny_base, tmp_path):
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["compose", "--task", "sa", "--lang", "ban", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "composed" in result.output
+
+    composed = load_file(str(out / "model.safetensors"))
+    base = load_file(str(tiny_base / "model.safetensors"))
+    language, task = populated.load("lang:ban"), populated.load("task:sa")
+    name = "encoder.layer.1.intermediate.dense.weight"
+    expected = base[f"roberta.{name}"] + task.dense_delta(name) + language.dense_delta(name)
+    assert torch.allclose(composed[f"roberta.{name}"], expected, atol=1e-6)
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label[2] == "positive"
+
+
+def test_compose_json_output_and_weights(populated, tmp_path):
+    result = runner.invoke(
+        app, ["compose", "-t", "sa", "-l", "lang:ban@1", "--weights", "1,0.5", "-o", str(tmp_path / "m"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["path"] == str(tmp_path / "m")
+    assert [(p["reference"], p["weight"]) for p in record["sfts"]] == [("task:sa@1", 1.0), ("lang:ban@1", 0.5)]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--lang", "ban"], "needs a task SFT"),
+        (["--task", "sa", "--lang", "xx"], "xx"),
+        (["--task", "sa", "--weights", "1,x"], "--weights must be"),
+        (["--task", "sa", "--weights", "1,1"], "2 numbers for 1 SFTs"),
+        ([], "nothing to compose"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(populated, tmp_path, arguments, message):
+    result = runner.invoke(app, ["compose", *arguments, "-o", str(tmp_path / "m")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_mismatched_base_is_refused(populated, tiny_base, tmp_path):
+    result = runner.invoke(
+        app, ["compose", "--task", "sa", "--lang", "ace", "--base", str(tiny_base), "-o", str(tmp_path / "m")]
+    )
+    assert result.exit_code == 2
+    assert "was trained on base" in result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_existing_output_needs_force(populated, tmp_path):
+    out = tmp_path / "m"
+    assert runner.invoke(app, ["compose", "--task", "sa", "-o", str(out)]).exit_code == 0
+    again = runner.invoke(app, ["compose", "--task", "sa", "-o", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output
+    assert runner.invoke(app, ["compose", "--task", "sa", "-o", str(out), "--force"]).exit_code == 0
