@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 failure, 2 bad input (one clear line on stderr; the tracebac
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -75,10 +76,15 @@ def _global(
 ) -> None:
     st = state(ctx)
     st.verbose, st.quiet, st.home, st.registry_url = verbose, quiet, home, registry_url
+    if not verbose:
+        # Our own rich progress bars and one-line errors replace the libraries' tqdm bars and load reports.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 # Each module defines ``register(app)``; they import torch and transformers only inside commands.
 COMMAND_MODULES: tuple[str, ...] = (
+    "cli.commands.demo",
     "cli.commands.compose",
     "cli.commands.overlap",
     "cli.commands.interop",

@@ -15,7 +15,7 @@ How it is computed, and why:
   number, so it is formed and decomposed in float64: in float32, a rank cut inside a dense part of the
   spectrum moves L by up to ~1e-2 relative (measured); in float64 the result stays ~1e-7 from a float64
   SVD. Fixed ranks use the same exact path (no randomized solver).
-- L + S equals L outside the kept residual entries and δ itself on them, which is how it is assembled.
+- L + S = δ − R', with R' = R zeroed at the kept entries: one big buffer holds R, then the result.
 - Top-k is an exact radix select on the bit patterns of |x| (for non-negative IEEE floats, integer order is
   value order): histograms of 16-bit digits find the k-th largest value without sorting or concatenating
   anything, so memory stays at the masks plus a few chunk-sized buffers. Ties at the threshold go to the
@@ -199,18 +199,16 @@ def _denoise_matrix(delta: Tensor, rank: int | float, keep: float) -> tuple[Tens
     tall = x.shape[0] >= x.shape[1]
     energies, vectors = _gram_spectrum(x)
     r = _chosen_rank(energies, rank)
-    # Project on whichever of the kept / dropped subspaces is smaller: half the matmul work at worst.
+    # R = δ − L, projecting on whichever of the kept / dropped subspaces is smaller (half the matmul at worst).
     if r <= energies.numel() - r:
-        low_rank = _project(x, vectors[:, :r].to(torch.float32), tall)
-        residual = x - low_rank
+        residual = _project(x, vectors[:, :r].to(torch.float32), tall)
+        torch.sub(x, residual, out=residual)
     else:
         residual = _project(x, vectors[:, r:].to(torch.float32), tall)
-        low_rank = x - residual
     kept = round(keep * x.numel())
-    (mask,) = _top_k_masks([residual], kept, ["residual"]) if kept else (None,)
-    del residual
-    if mask is not None:
-        low_rank[mask] = x[mask]  # L + S = δ where the residual is kept
+    if kept:
+        residual.masked_fill_(_top_k_masks([residual], kept, ["residual"])[0], 0)
+    denoised = torch.sub(x, residual, out=residual)  # L + S = δ − (R outside the kept entries)
     total = float(energies.sum())
     entry = {
         "shape": list(x.shape),
@@ -219,7 +217,7 @@ def _denoise_matrix(delta: Tensor, rank: int | float, keep: float) -> tuple[Tens
         "energy_kept": float(energies[:r].sum()) / total if total > 0 else 1.0,
         "residual_kept": kept,
     }
-    return low_rank.to(delta.dtype), entry
+    return denoised.to(delta.dtype), entry
 
 
 def _gram_spectrum(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -231,10 +229,16 @@ def _gram_spectrum(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     tall_view = x if x.shape[0] >= x.shape[1] else x.T
     side = tall_view.shape[1]
+    half = side // 2
     gram = torch.zeros(side, side, dtype=torch.float64)
     for block in tall_view.split(max(1, _GRAM_BLOCK // side)):
         block = block.to(torch.float64)
-        gram.addmm_(block.T, block)
+        left, right = block[:, :half], block[:, half:]
+        # Symmetric: the upper-left, upper-right and lower-right quarters suffice (3/4 of a full matmul).
+        gram[:half, :half].addmm_(left.T, left)
+        gram[:half, half:].addmm_(left.T, right)
+        gram[half:, half:].addmm_(right.T, right)
+    gram[half:, :half] = gram[:half, half:].T
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     return eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
 

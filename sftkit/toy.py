@@ -24,9 +24,7 @@ _SYLLABLES = [c + v for c in "bcdfghjklmnprstwz" for v in "aeiou"]
 _N_CONCEPTS = 120
 _N_POLAR = 20  # concepts 0..19 are positive, 20..39 negative, the rest neutral
 _FOLLOW = 0.8  # probability that the next concept is one of the current one's successors
-_SUCCESSORS = tuple(
-    tuple(random.Random(f"successors-{c}").sample(range(_N_CONCEPTS), 3)) for c in range(_N_CONCEPTS)
-)
+_SUCCESSORS = tuple(tuple(random.Random(f"successors-{c}").sample(range(_N_CONCEPTS), 3)) for c in range(_N_CONCEPTS))
 
 
 @dataclass(frozen=True)
@@ -146,29 +144,3 @@ def build_tiny_base(
     torch.manual_seed(seed)
     XLMRobertaForMaskedLM(config).save_pretrained(out)
     return out
-
-
-def pretrain(directory: str | Path, texts: list[str], steps: int = 300, batch_size: int = 32, seed: int = 0) -> None:
-    """Masked-LM pre-training of a tiny base in place, so that θ0 knows the toy languages a little.
-
-    Mirrors, in miniature, what makes cross-lingual transfer possible for XLM-R: one encoder trained
-    on many languages at once (here a mix dominated by the source language).
-    """
-    import torch
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForMaskedLM.from_pretrained(directory)
-    collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
-    encoded = [tokenizer(text, truncation=True, max_length=64) for text in texts]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    rng = random.Random(seed)
-    model.train()
-    for _ in range(steps):
-        batch = collate(rng.sample(encoded, batch_size))
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(directory)

@@ -13,6 +13,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only add contention between xdist workers
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

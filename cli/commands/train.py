@@ -53,14 +53,12 @@ class _RichReporter:
         self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
 
     def evaluated(self, step: int, metrics: dict[str, Any]) -> None:
-        self.bar.update(self.task, score=f"{self.metric} {metrics[self.metric]:.4f}")
+        self.bar.update(self.task, score=f"val {self.metric} {metrics[self.metric]:.4f}")
 
     def phase_finished(self, phase: str, summary: dict[str, Any]) -> None:
-        best = summary.get(self.metric)
-        self.bar.console.print(
-            f"{phase} phase: best {self.metric} {best:.4f} at step {summary['best_step']}/{summary['steps']}",
-            highlight=False,
-        )
+        best, step = summary.get(self.metric), f"{summary['best_step']}/{summary['steps']}"
+        message = f"{phase} phase: best validation {self.metric} {best:.4f} at step {step}"
+        self.bar.console.print(message, highlight=False)
 
     def note(self, message: str) -> None:
         self.bar.console.print(message, highlight=False)
@@ -110,7 +108,8 @@ def train_command(
         str | None, typer.Option("--task", help="Train a task SFT (e.g. sa, nli).", rich_help_panel=_WHAT)
     ] = None,
     base: Annotated[
-        str, typer.Option(help="Base model: Hub id or local directory.", rich_help_panel=_WHAT)
+        str,
+        typer.Option(envvar="SFTKIT_BASE", help="Base model: Hub id or local directory.", rich_help_panel=_WHAT),
     ] = "xlm-roberta-base",
     revision: Annotated[str | None, typer.Option(help="Base model revision (Hub).", rich_help_panel=_WHAT)] = None,
     source_lang: Annotated[

@@ -90,6 +90,14 @@ class Dist:
         dist.all_gather_object(out, value)
         return out
 
-    def close(self) -> None:
+    def close(self, synchronise: bool = True) -> None:
+        """Destroy the process group; after success all ranks first meet at a barrier.
+
+        Tearing down together matters: a rank that destroys its gloo group while a peer is still inside
+        a collective aborts that peer ("terminate called without an active exception"). After a failure
+        there is no barrier, since a peer may never arrive (torchrun then stops the others).
+        """
         if self.owns_group and dist.is_initialized():
+            if synchronise:
+                dist.barrier()
             dist.destroy_process_group()

@@ -127,9 +127,12 @@ def train(
     dist = Dist.from_environment()
     try:
         run = _Run(config, dist, reporter if (reporter is not None and dist.is_main) else NullReporter())
-        return run.execute(train_data, validation_data, source, source_lineage, work_dir, resume, keep_work_dir)
-    finally:
-        dist.close()
+        result = run.execute(train_data, validation_data, source, source_lineage, work_dir, resume, keep_work_dir)
+    except BaseException:
+        dist.close(synchronise=False)
+        raise
+    dist.close()
+    return result
 
 
 def _step_seed(seed: int, phase: int, rank: int, step: int) -> int:
@@ -338,8 +341,7 @@ class _Run:
             lineage = {"reference": None, "sha256": None, "language": source.metadata.language}
         self.lineage = lineage if source is not None else None
         self._load_model(source)
-        collator = make_collator(cfg.kind, self.tokenizer, cfg.mlm_probability)
-        self.collate = collator
+        self.collate = make_collator(cfg.kind, self.tokenizer, cfg.mlm_probability)
         self.validation_batches = fixed_batches(
             self.validation_items,
             make_collator(cfg.kind, self.tokenizer, cfg.mlm_probability, seed=cfg.seed),
@@ -407,7 +409,7 @@ class _Run:
                 deltas, report = deftx.denoise_all(deltas, rank, keep=cfg.keep, maskable=is_maskable_name)
             masks = deftx.select(deltas, self.k)
             del deltas
-            self.run_dir.save_selection(masks, {"rank_report": _jsonable(report), "k": self.k})
+            self.run_dir.save_selection(masks, {"rank_report": report, "k": self.k})
             self.run_dir.mark_done("full", full_summary)
         self.dist.barrier()
         loaded = self.run_dir.load_selection()
@@ -571,16 +573,3 @@ def _better(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
     return value < best if metric == "loss" else value > best
-
-
-def _jsonable(report: Any) -> Any:
-    """Rank reports may hold tensors or numpy numbers; metadata must be JSON."""
-    if isinstance(report, dict):
-        return {str(k): _jsonable(v) for k, v in report.items()}
-    if isinstance(report, list | tuple):
-        return [_jsonable(v) for v in report]
-    if isinstance(report, torch.Tensor):
-        return report.tolist()
-    if hasattr(report, "item") and callable(report.item):
-        return report.item()
-    return report
