@@ -22,13 +22,14 @@ import os
 import re
 import shutil
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from sftkit.errors import BadInputError, NotFoundError
+from sftkit.errors import BadInputError, NotFoundError, SftkitError
 from sftkit.inspect import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, WeightsSummary, read_weights_summary
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ class ArtifactStore:
         """
         self.ensure_writable()
         with (self.root / ".lock").open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            _flock_within(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, self.root / ".lock")
             try:
                 yield
             finally:
@@ -280,3 +281,25 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _flock_within(handle: Any, operation: int, path: Path) -> None:
+    """``flock`` that gives up with a clear error after ``$SFTKIT_LOCK_TIMEOUT`` seconds (default 600).
+
+    Store operations hold the lock for milliseconds; waiting longer means another process is stuck
+    holding it, and a clear error beats a command that hangs forever.
+    """
+    deadline = time.monotonic() + float(os.environ.get("SFTKIT_LOCK_TIMEOUT", "600"))
+    delay = 0.005
+    while True:
+        try:
+            fcntl.flock(handle, operation | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise SftkitError(
+                    f"the artifact store lock {path} is held by another process; retry, or find the stuck "
+                    "sftkit process (e.g. `fuser` on that file)"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)

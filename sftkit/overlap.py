@@ -237,7 +237,7 @@ def _values(delta: SparseDelta) -> np.ndarray:
 
 def _parameter_counts(a: SparseDelta | None, b: SparseDelta | None) -> OverlapCounts:
     if a is None or b is None:
-        return OverlapCounts(a.nnz if a else 0, b.nnz if b else 0)
+        return OverlapCounts(a.nnz if a is not None else 0, b.nnz if b is not None else 0)
     pos_a, pos_b = _shared_positions(a.indices.detach().cpu().numpy(), b.indices.detach().cpu().numpy())
     if pos_a.size == 0:
         return OverlapCounts(a.nnz, b.nnz)
