@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sftkit import __version__
+from sftkit.atomic import atomic_directory, check_target
 from sftkit.card import composed_model_card
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.fingerprint import base_fingerprint
@@ -216,17 +215,12 @@ def compose_to_directory(
     from sftkit.streaming import stream_composition
 
     composition = plan(sfts, weights, head, head_from, references)
-    _check_output(Path(out_dir), overwrite)
-    written = stream_composition(base, composition, Path(out_dir), revision, max_shard_size)
+    check_target(Path(out_dir), overwrite)  # before any weight is read
+    written = stream_composition(base, composition, Path(out_dir), revision, max_shard_size, overwrite)
     if written is not None:
         return written
     model = compose(base, sfts, weights, head, head_from, references, revision)
     return export(model, out_dir, max_shard_size=max_shard_size, overwrite=overwrite)
-
-
-def _check_output(target: Path, overwrite: bool) -> None:
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise BadInputError(f"{target} exists and is not empty (use --force / overwrite=True to replace it)")
 
 
 def compose_record(base_model: str, fingerprint: str | None, architecture: str, parts: list[dict]) -> dict:
@@ -238,14 +232,6 @@ def compose_record(base_model: str, fingerprint: str | None, architecture: str, 
         "architecture": architecture,
         "sfts": parts,
     }
-
-
-def publish(staging: Path, target: Path) -> Path:
-    """Move a fully written staging directory into place (replacing ``target`` if allowed earlier)."""
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    return target
 
 
 def export(
@@ -263,16 +249,14 @@ def export(
     from transformers import AutoTokenizer
 
     target = Path(out_dir)
-    _check_output(target, overwrite)
+    check_target(target, overwrite)
     source = tokenizer if tokenizer is not None else model.config.name_or_path
     if isinstance(source, str | os.PathLike):
         try:
             source = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as exc:
             raise BadInputError(f"cannot load the tokenizer of {source!r}: {str(exc).splitlines()[0]}") from exc
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(target, overwrite) as staging:
         with quiet_transformers():
             model.save_pretrained(staging, max_shard_size=max_shard_size)
         source.save_pretrained(staging)
@@ -283,7 +267,4 @@ def export(
         )
         (staging / COMPOSE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         (staging / "README.md").write_text(composed_model_card(model.config.name_or_path, parts, labels))
-        return publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return target

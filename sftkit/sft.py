@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sftkit import __version__
+from sftkit.atomic import atomic_directory
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.params import encoder_of
 
@@ -214,25 +213,9 @@ class SparseFineTuning:
         """Write the SFT directory atomically: a crash never leaves a half-written SFT at ``path``."""
         if dtype not in VALUE_DTYPES:
             raise BadInputError(f"value dtype must be one of {', '.join(VALUE_DTYPES)}, not {dtype!r}")
-        target = Path(path)
-        if target.exists() and not overwrite:
-            raise BadInputError(f"{target} already exists (pass overwrite=True / --force to replace it)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        try:
+        with atomic_directory(path, overwrite) as staging:
             self._write(staging, VALUE_DTYPES[dtype])
-            if target.exists():
-                retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                target.rename(retired)
-                staging.rename(target)
-                shutil.rmtree(retired)
-            else:
-                staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return target
+        return Path(path)
 
     def _write(self, directory: Path, value_dtype: torch.dtype) -> None:
         tensors: dict[str, torch.Tensor] = {}

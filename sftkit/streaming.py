@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
+from sftkit.atomic import atomic_directory
 from sftkit.card import composed_model_card
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.fingerprint import fingerprint_samples, sample_positions
@@ -114,7 +114,7 @@ class _Sources:
 
 
 def stream_composition(
-    base: str, composition: Plan, target: Path, revision: str | None, max_shard_size: str | int
+    base: str, composition: Plan, target: Path, revision: str | None, max_shard_size: str | int, overwrite: bool
 ) -> Path | None:
     """Write the composed model directory, or return ``None`` when the checkpoint needs the full path."""
     snapshot = base_snapshot(base, revision)
@@ -137,21 +137,13 @@ def stream_composition(
         keys = {name: sources.key_of(name) for name in state if name not in head_names}
         if None in keys.values() or any(tensors[k][1].shape != tuple(state[n].shape) for n, k in keys.items() if k):
             return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        try:
+        with atomic_directory(target, overwrite) as staging:
             samples = _write_weights(staging, state, keys, sources, composition, _shard_limit(max_shard_size))
             # Checked after the single pass over the weights, so no tensor is read twice.
             fingerprint = fingerprint_samples(model.config.model_type, samples)
             composition.check_fingerprint(fingerprint)
             _write_side_files(staging, snapshot, model, composition, base, fingerprint)
-            from sftkit.compose import publish
-
-            return publish(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        return target
 
 
 CHUNK_BYTES = 32 * 2**20  # the one reused buffer; large enough to amortise writes, small enough to stay cached

@@ -56,6 +56,17 @@ def sftkit_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture
+def cli(sftkit_home):
+    """Run ``sftkit ARGS…`` in-process (typer's CliRunner) against the test's empty registry home."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
 def requires_data(*parts: str) -> Path:
     """Path under ../shared/data, or skip the test cleanly when it is absent."""
     path = DATA_DIR.joinpath(*parts)

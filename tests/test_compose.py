@@ -141,7 +141,7 @@ def test_export_refuses_to_overwrite_and_leaves_no_partial_directory(tiny_base, 
     model = compose(str(tiny_base), [SparseFineTuning.load(sft_dirs["task"])])
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "keep.txt").write_text("mine")
-    with pytest.raises(BadInputError, match="not empty"):
+    with pytest.raises(BadInputError, match="already exists"):
         export(model, tmp_path / "model")
     assert (tmp_path / "model" / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -10,6 +10,7 @@ import httpx2
 import huggingface_hub
 import pytest
 import torch
+from cli_helpers import one_line_error
 from huggingface_hub import constants, errors
 from huggingface_hub.utils import filter_repo_objects
 
@@ -242,21 +243,6 @@ def test_hub_errors_become_one_line(monkeypatch, tmp_path, error, expected, mess
 
 
 # ------------------------------------------------------------------ command line
-@pytest.fixture
-def cli(sftkit_home):
-    from typer.testing import CliRunner
-
-    from cli.main import app
-
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def test_cli_pull_registers_an_ltsft_repo(cli, hf_cache, tmp_path, sftkit_home):

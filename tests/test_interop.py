@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import one_line_error
 from transformers import AutoModelForMaskedLM
 
 from sftkit.compose import compose
@@ -414,21 +415,6 @@ def test_importing_ours_applies_overrides_and_checks_the_base(our_sft, tmp_path,
 
 
 # ------------------------------------------------------------------ command line
-@pytest.fixture
-def cli(sftkit_home):
-    from typer.testing import CliRunner
-
-    from cli.main import app
-
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def test_cli_imports_an_ltsft_task_and_exports_it_back(cli, task_ltsft, tiny_base, tmp_path):

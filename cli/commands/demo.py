@@ -23,29 +23,22 @@ METHODS = {"deftx": "90var", "lt-sft": "none"}  # method → rank spec
 SIZES = {"corpus": 1500, "train": 1200, "validation": 300, "test": 400}
 
 
-class _StepReporter:
-    """Advances one progress task as the trainer reports steps (both phases count)."""
+def _step_reporter(bar: Any, task: Any) -> Any:
+    """A trainer reporter advancing one progress task as steps go by (both phases count)."""
+    from sftkit.training.trainer import NullReporter
 
-    def __init__(self, bar: Any, task: Any) -> None:
-        self.bar, self.task, self.offset, self.last = bar, task, 0, 0
+    class StepReporter(NullReporter):
+        offset = last = 0
 
-    def phase_started(self, phase: str, total_steps: int, done_steps: int) -> None:
-        self.offset += self.last
-        self.last = 0
-        self.bar.update(self.task, total=self.offset + total_steps * (2 if phase == "full" else 1))
+        def phase_started(self, phase: str, total_steps: int, done_steps: int) -> None:
+            self.offset, self.last = self.offset + self.last, 0
+            bar.update(task, total=self.offset + total_steps * (2 if phase == "full" else 1))
 
-    def step(self, step: int, loss: float) -> None:
-        self.last = step
-        self.bar.update(self.task, completed=self.offset + step)
+        def step(self, step: int, loss: float) -> None:
+            self.last = step
+            bar.update(task, completed=self.offset + step)
 
-    def evaluated(self, step: int, metrics: dict[str, Any]) -> None:
-        pass
-
-    def phase_finished(self, phase: str, summary: dict[str, Any]) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
+    return StepReporter()
 
 
 def demo_command(
@@ -102,7 +95,7 @@ def _run(ctx: typer.Context, workdir: Path, seed: int) -> dict[str, Any]:
 
         def trained(label: str, config: Any, **data: Any) -> Any:
             task = bar.add_task(label, total=None)
-            sft = train_sft(config, reporter=_StepReporter(bar, task), **data)
+            sft = train_sft(config, reporter=_step_reporter(bar, task), **data)
             bar.remove_task(task)
             return sft
 

@@ -29,10 +29,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sftkit.atomic import atomic_directory
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.sft import SFTMetadata, SparseDelta, SparseFineTuning
 
@@ -385,28 +383,6 @@ def _check_shapes(sft: SparseFineTuning, base_params: Mapping[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------- write
-@contextmanager
-def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a staging directory that replaces ``target`` only once everything inside is written."""
-    if target.exists() and not overwrite:
-        raise BadInputError(f"{target} already exists (use --force / overwrite=True to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-        if target.exists():
-            retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(retired)
-            staging.rename(target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def _card(metadata: SFTMetadata, prefix: str) -> str:
     with_abs = "False" if metadata.kind == "language" else "True"
     return "\n".join(

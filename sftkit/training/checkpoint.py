@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sftkit.atomic import atomic_directory
 from sftkit.errors import BadInputError
 
 MANIFEST = "run.json"
@@ -96,26 +97,13 @@ class RunDirectory:
     ) -> None:
         if not self.writer:
             return
-        final = self._phase(phase) / "checkpoint"
-        staging = final.with_name(f".checkpoint.partial-{uuid.uuid4().hex[:8]}")
-        staging.mkdir()
-        try:
+        with atomic_directory(self._phase(phase) / "checkpoint", overwrite=True) as staging:
             save_file(
                 {name: t.detach().cpu().contiguous() for name, t in state.items()}, str(staging / "state.safetensors")
             )
             torch.save(optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(scheduler.state_dict(), staging / "scheduler.pt")
             (staging / "progress.json").write_text(json.dumps(progress, indent=2, default=str))
-            if final.exists():
-                retired = final.with_name(f".checkpoint.old-{uuid.uuid4().hex[:8]}")
-                final.rename(retired)
-                staging.rename(final)
-                shutil.rmtree(retired)
-            else:
-                staging.rename(final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     def load_checkpoint(self, phase: str) -> tuple[dict[str, torch.Tensor], Any, Any, dict[str, Any]] | None:
         directory = self.path / phase / "checkpoint"
