@@ -4,7 +4,8 @@ Baseline (named): ``AutoModelForSequenceClassification.from_pretrained(base)`` f
 ``save_pretrained(out)`` of the same model. Ours: load a language SFT (7.6 M entries) and a task SFT
 (14.2 M entries + head) from disk, compose them on the same base and export the directory
 (weights, tokenizer, record, card) with ``compose_to_directory`` — what ``sftkit compose`` runs. Both
-measured in this run, alternating, best of ``--repeats``. Also reports the artifact size per tuned entry at float32 (sparse entries + dense head entries).
+measured in this run, alternating, best of ``--repeats``. Also reports the artifact size per tuned
+entry at float32 (sparse entries + dense head entries).
 
     python benchmarks/compose.py            # XLM-R base shape (278 M parameters), ~2 min
     python benchmarks/compose.py --quick    # small shape, seconds
