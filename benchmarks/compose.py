@@ -14,6 +14,7 @@ entry at float32 (sparse entries + dense head entries).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         times: dict[str, list[float]] = {"baseline": [], "ours": []}
         for _ in range(args.repeats):
             for name, fn in (("baseline", baseline), ("ours", ours)):
+                os.sync()  # both start with no dirty pages to write back: writing 1 GB is otherwise throttled at random
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)

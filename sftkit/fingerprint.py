@@ -23,16 +23,17 @@ SAMPLE = 4096
 PREFIX = "sha256:"
 
 
-def sample_positions(numel: int) -> torch.Tensor:
-    """Flat positions of the (at most ``SAMPLE``) values of a tensor that enter the fingerprint."""
+def sample_stride(numel: int) -> tuple[int, int]:
+    """(stride, count): the fingerprint samples flat positions 0, stride, 2·stride, … (``count`` of them)."""
     stride = max(1, numel // SAMPLE)
-    return torch.arange(0, numel, stride)[:SAMPLE]
+    return stride, min(SAMPLE, -(-numel // stride))
 
 
 def sample(tensor: torch.Tensor) -> torch.Tensor:
     """The fingerprint sample of one tensor, as a float32 copy (callers may modify the tensor later)."""
     flat = tensor.detach().reshape(-1)
-    return flat[sample_positions(flat.numel()).to(flat.device)].to(dtype=torch.float32, device="cpu", copy=True)
+    stride, count = sample_stride(flat.numel())
+    return flat[::stride][:count].to(dtype=torch.float32, device="cpu", copy=True)
 
 
 def fingerprint_samples(model_type: str, samples: Iterable[tuple[str, tuple[int, ...], torch.Tensor]]) -> str:

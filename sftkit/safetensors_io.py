@@ -1,8 +1,8 @@
 """Safetensors files read and written in chunks through one reused buffer.
 
 Why not ``safetensors.torch.save_file``: it needs every tensor of a file materialised first, so
-composing a 1 GB checkpoint would allocate (and page-fault) a second gigabyte. Here each tensor is
-streamed through one small reused buffer: read from the base file, patched, written — the cost of a
+composing a 1 GB checkpoint would allocate (and page-fault) a second gigabyte. Here tensors stream
+through a few small reused buffers: read from the base file, patched, written — about the cost of a
 file copy.
 The layout is the documented safetensors format: an 8-byte little-endian header length, a JSON header (padded with
 spaces to a multiple of 8) with ``dtype``, ``shape`` and ``data_offsets``, then the packed data; files
@@ -12,12 +12,12 @@ written here are read back by ``safetensors.safe_open`` in the tests.
 from __future__ import annotations
 
 import json
+import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -60,52 +60,55 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 @contextmanager
-def open_tensors(paths: Sequence[Path]) -> Iterator[dict[str, tuple[BinaryIO, TensorInfo]]]:
-    """Every tensor of ``paths`` as (open file, layout), valid inside the block.
+def open_tensors(paths: Sequence[Path]) -> Iterator[dict[str, tuple[int, TensorInfo]]]:
+    """Every tensor of ``paths`` as (file descriptor, layout), valid inside the block.
 
-    Plain ``readinto`` at known offsets copies straight from the page cache into the caller's buffer:
-    cheaper than memory-mapping, which pays a page fault for every 4 KiB it touches.
+    Positional reads (``read_into``) copy straight from the page cache into the caller's buffer — cheaper
+    than memory-mapping, which pays a page fault for every 4 KiB — and several threads may read at once.
     """
-    handles: list[BinaryIO] = []
+    descriptors: list[int] = []
     try:
-        tensors: dict[str, tuple[BinaryIO, TensorInfo]] = {}
+        tensors: dict[str, tuple[int, TensorInfo]] = {}
         for path in paths:
-            handle = path.open("rb", buffering=0)
-            handles.append(handle)
+            descriptors.append(os.open(path, os.O_RDONLY))
             for name, info in read_header(path).items():
-                tensors[name] = (handle, info)
+                tensors[name] = (descriptors[-1], info)
         yield tensors
     finally:
-        for handle in handles:
-            handle.close()
+        for descriptor in descriptors:
+            os.close(descriptor)
 
 
-def read_into(handle: BinaryIO, offset: int, target: memoryview) -> None:
-    """Fill ``target`` with the bytes of ``handle`` at ``offset`` (a short file is an error)."""
+def read_into(descriptor: int, offset: int, target: memoryview) -> None:
+    """Fill ``target`` with the file's bytes at ``offset`` (thread-safe; a short file is an error)."""
     done = 0
     while done < len(target):
-        handle.seek(offset + done)
-        count = handle.readinto(target[done:])
+        count = os.preadv(descriptor, [target[done:]], offset + done)
         if not count:
-            raise ValueError(f"{getattr(handle, 'name', 'checkpoint')} is truncated")
+            raise ValueError("the checkpoint file is truncated")
         done += count
+
+
+def packed_order(
+    layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The order tensors are stored in: by decreasing element size, so every slot is aligned for its dtype."""
+    return sorted(layout, key=lambda item: -itemsize(item[1]))
 
 
 def write_sequential(
     path: Path,
     layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-    chunks: Callable[[str, torch.dtype, tuple[int, ...]], Iterable[memoryview | bytes]],
+    stream: Iterable[memoryview | bytes],
     metadata: dict[str, str] | None = None,
 ) -> int:
-    """Write a safetensors file whose tensors arrive as byte chunks from ``chunks(name, dtype, shape)``.
+    """Write a safetensors file whose data arrives as byte chunks, tensor after tensor in ``packed_order``.
 
-    Tensors are packed by decreasing element size so that every slot is aligned for its dtype. Each
-    tensor must yield exactly its size in bytes. Returns the number of data bytes.
+    The chunks must add up to exactly the tensors' sizes. Returns the number of data bytes.
     """
-    ordered = sorted(layout, key=lambda item: -itemsize(item[1]))
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
-    for name, dtype, shape in ordered:
+    for name, dtype, shape in packed_order(layout):
         nbytes = torch.Size(shape).numel() * itemsize(dtype)
         header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -113,11 +116,9 @@ def write_sequential(
     encoded += b" " * (-len(encoded) % 8)
     with path.open("wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name, dtype, shape in ordered:
-            written = sum(handle.write(chunk) for chunk in chunks(name, dtype, shape))
-            expected = torch.Size(shape).numel() * itemsize(dtype)
-            if written != expected:
-                raise ValueError(f"{name}: wrote {written} bytes, expected {expected}")
+        written = sum(handle.write(chunk) for chunk in stream)
+    if written != offset:
+        raise ValueError(f"{path.name}: wrote {written} data bytes, expected {offset}")
     return offset
 
 

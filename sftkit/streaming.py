@@ -16,18 +16,28 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sftkit.atomic import atomic_directory
 from sftkit.card import composed_model_card
 from sftkit.errors import BadInputError, BaseMismatchError
-from sftkit.fingerprint import fingerprint_samples, sample_positions
+from sftkit.fingerprint import fingerprint_samples, sample_stride
 from sftkit.params import encoder_of, head_parameters
-from sftkit.safetensors_io import TensorInfo, itemsize, open_tensors, read_header, read_into, write_sequential
+from sftkit.safetensors_io import (
+    TensorInfo,
+    itemsize,
+    open_tensors,
+    packed_order,
+    read_header,
+    read_into,
+    write_sequential,
+)
 
 if TYPE_CHECKING:
     from sftkit.compose import Plan
@@ -99,7 +109,7 @@ def _shard_limit(max_shard_size: str | int) -> int:
 class _Sources:
     """Where each target parameter's base values live in the checkpoint's mapped files."""
 
-    def __init__(self, tensors: dict[str, tuple[BinaryIO, TensorInfo]], model) -> None:
+    def __init__(self, tensors: dict[str, tuple[int, TensorInfo]], model) -> None:
         self.tensors = tensors
         self.encoder_is_model = encoder_of(model) is model
         self.prefix = model.base_model_prefix
@@ -146,35 +156,37 @@ def stream_composition(
         return target
 
 
-CHUNK_BYTES = 32 * 2**20  # the one reused buffer; large enough to amortise writes, small enough to stay cached
+CHUNK_BYTES = 32 * 2**20  # per reused buffer: large enough to amortise system calls, small enough to stay cached
 
 
-def _composed_chunks(
-    source: BinaryIO, info: TensorInfo, deltas: list[tuple[float, torch.Tensor, torch.Tensor]], buffer: bytearray
-) -> Iterator[tuple[memoryview, torch.Tensor]]:
-    """The base tensor plus Σ wᵢ φᵢ, chunk by chunk through ``buffer``, with each chunk's base fingerprint sample.
+def _patch_chunk(
+    descriptor: int,
+    info: TensorInfo,
+    first: int,
+    last: int,
+    deltas: list[tuple[float, torch.Tensor, torch.Tensor]],
+    buffer: bytearray,
+) -> tuple[int, torch.Tensor]:
+    """Read entries [first, last) of a base tensor into ``buffer`` and add Σ wᵢ φᵢ there.
 
-    Deltas are added with ``index_add_`` in the tensor's dtype, in SFT order, as ``SparseFineTuning.apply``
-    does, so both composition paths give bit-identical weights.
+    Returns the byte length and the base's fingerprint sample in that range (taken before any delta).
+    Deltas are added with ``index_add_`` in the tensor's dtype, in SFT order, as
+    ``SparseFineTuning.apply`` does, so both composition paths give bit-identical weights.
     """
     size = itemsize(info.dtype)
-    numel = (info.end - info.start) // size
-    positions = sample_positions(numel)
-    per_chunk = max(1, len(buffer) // size)
-    for first in range(0, numel, per_chunk):
-        last = min(numel, first + per_chunk)
-        raw = memoryview(buffer)[: (last - first) * size]
-        read_into(source, info.start + first * size, raw)
-        chunk = torch.frombuffer(raw, dtype=info.dtype)
-        lo, hi = torch.searchsorted(positions, torch.tensor([first, last])).tolist()
-        base_sample = chunk[positions[lo:hi] - first].float()
-        for weight, indices, values in deltas:
-            lo, hi = torch.searchsorted(indices, torch.tensor([first, last])).tolist()
-            if hi > lo:
-                chunk.index_add_(0, indices[lo:hi] - first, values[lo:hi].to(info.dtype), alpha=weight)
-        del chunk
-        yield raw, base_sample
-        raw.release()
+    raw = memoryview(buffer)[: (last - first) * size]
+    read_into(descriptor, info.start + first * size, raw)
+    chunk = torch.frombuffer(raw, dtype=info.dtype)
+    stride, count = sample_stride((info.end - info.start) // size)
+    lo, hi = -(-first // stride), min(count, -(-last // stride))  # sample positions i·stride in range
+    base_sample = chunk[lo * stride - first :: stride][: max(0, hi - lo)].to(torch.float32, copy=True)
+    for weight, indices, values in deltas:
+        lo, hi = torch.searchsorted(indices, torch.tensor([first, last])).tolist()
+        if hi > lo:
+            chunk.index_add_(0, indices[lo:hi] - first, values[lo:hi].to(info.dtype), alpha=weight)
+    del chunk
+    raw.release()
+    return (last - first) * size, base_sample
 
 
 def _shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
@@ -209,35 +221,68 @@ def _write_weights(
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    samples: list[tuple[str, tuple[int, ...], torch.Tensor]] = []
-    buffer = bytearray(CHUNK_BYTES)
+    pieces: dict[str, list[torch.Tensor]] = {}
 
-    def chunks(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Iterator[memoryview]:
-        key = keys.get(name)
-        if key is None:
-            yield memoryview(head[name].to(dtype).contiguous().view(-1).view(torch.uint8).numpy())
-            return
+    def deltas_of(name: str, shape: tuple[int, ...]) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
         relative = sources.relative(name)
-        deltas = []
+        found = []
         for part in composition.parts:
             delta = part.sft.diffs.get(relative)
             if delta is not None:
                 if tuple(delta.shape) != shape:
                     raise BaseMismatchError(f"{relative}: SFT shape {delta.shape} does not match the model's {shape}")
-                deltas.append((part.weight, delta.indices, delta.values))
-        pieces = []
-        for raw, base_sample in _composed_chunks(*sources.tensors[key], deltas, buffer):
-            pieces.append(base_sample)
-            yield raw
-        samples.append((relative, shape, torch.cat(pieces) if pieces else torch.empty(0)))
+                found.append((part.weight, delta.indices, delta.values))
+        return found
 
-    for filename, shard in zip(names, shards, strict=True):
-        write_sequential(staging / filename, [(n, dtypes[n], tuple(state[n].shape)) for n in shard], chunks)
+    def jobs(layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Iterator[tuple[str, Any]]:
+        for name, dtype, shape in packed_order(layout):
+            key = keys.get(name)
+            if key is None:
+                yield name, memoryview(head[name].to(dtype).contiguous().view(-1).view(torch.uint8).numpy())
+                continue
+            descriptor, info = sources.tensors[key]
+            deltas = deltas_of(name, shape)
+            numel, per_chunk = state[name].numel(), CHUNK_BYTES // itemsize(dtype)
+            for first in range(0, numel, per_chunk):
+                yield name, (descriptor, info, first, min(numel, first + per_chunk), deltas)
+
+    workers = max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        free = [bytearray(CHUNK_BYTES) for _ in range(workers + 1)]
+
+        def stream(layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Iterator[memoryview]:
+            """Chunks in file order, patched by the pool while earlier ones are being written."""
+            pending: deque[tuple[str, Any, bytearray | None]] = deque()
+
+            def oldest() -> Iterator[memoryview]:
+                name, work, buffer = pending.popleft()
+                if buffer is None:
+                    yield work
+                    return
+                length, base_sample = work.result()
+                pieces.setdefault(name, []).append(base_sample)
+                yield memoryview(buffer)[:length]
+                free.append(buffer)  # written: the writer asked for the next chunk
+
+            for name, job in jobs(layout):
+                if isinstance(job, memoryview):
+                    pending.append((name, job, None))
+                    continue
+                while not free:
+                    yield from oldest()
+                buffer = free.pop()
+                pending.append((name, pool.submit(_patch_chunk, *job, buffer), buffer))
+            while pending:
+                yield from oldest()
+
+        for filename, shard in zip(names, shards, strict=True):
+            layout = [(n, dtypes[n], tuple(state[n].shape)) for n in shard]
+            write_sequential(staging / filename, layout, stream(layout))
     if len(shards) > 1:
         weight_map = {name: filename for filename, shard in zip(names, shards, strict=True) for name in shard}
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return samples
+    return [(sources.relative(n), tuple(state[n].shape), torch.cat(pieces[n])) for n in pieces]
 
 
 def _write_side_files(staging: Path, snapshot: Path, model, composition: Plan, base: str, fingerprint: str) -> None:

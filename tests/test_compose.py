@@ -157,14 +157,26 @@ def test_bad_arguments(tiny_base, sft_dirs):
         compose("/nonexistent/base", [task])
 
 
-@pytest.mark.parametrize("shard", ["2GB", "100KB"])
-def test_streaming_export_equals_in_memory_export(tiny_base, sft_dirs, tmp_path, shard):
+@pytest.mark.parametrize(
+    ("shard", "threads", "chunk_bytes"), [("2GB", 1, 2**25), ("100KB", 2, 2**25), ("2GB", 2, 4096)]
+)
+def test_streaming_export_equals_in_memory_export(
+    tiny_base, sft_dirs, tmp_path, monkeypatch, shard, threads, chunk_bytes
+):
+    """Sharded or not, one worker or a pool, whole tensors or many small chunks: the same weights."""
+    from sftkit import streaming
     from sftkit.compose import compose_to_directory
 
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", chunk_bytes)
     sfts = [SparseFineTuning.load(sft_dirs[k]) for k in ("task", "language")]
-    streamed = compose_to_directory(
-        str(tiny_base), sfts, tmp_path / "streamed", weights=[1.0, 0.7], max_shard_size=shard
-    )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        streamed = compose_to_directory(
+            str(tiny_base), sfts, tmp_path / "streamed", weights=[1.0, 0.7], max_shard_size=shard
+        )
+    finally:
+        torch.set_num_threads(previous)
     in_memory = export(compose(str(tiny_base), sfts, weights=[1.0, 0.7]), tmp_path / "in-memory")
 
     def weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,62 @@
+"""The performance suite still runs: ``benchmarks/run_all.py --quick`` end to end (timings are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK_SUITE = {"deftx", "select", "compose", "train_memory (language)", "overlap", "registry"}
+
+
+@pytest.mark.slow
+def test_run_all_quick_runs_every_benchmark():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads(done.stdout)
+    assert document["quick"] is True
+    assert document["failures"] == []
+    assert all(outcome["error"] is None and outcome["returncode"] is not None for outcome in document["benchmarks"])
+    by_benchmark: dict[str, list[dict]] = {}
+    for row in document["rows"]:
+        by_benchmark.setdefault(row["benchmark"], []).append(row)
+    assert set(by_benchmark) == QUICK_SUITE
+    for name, rows in by_benchmark.items():
+        for row in rows:
+            assert isinstance(row["ours"], int | float) and row["ours"] >= 0, (name, row)
+            assert isinstance(row["ratio"], int | float), (name, row)
+            assert row["target"], (name, row)
+    # The exactness rows are verdicts on correctness, not timing: they must hold at any size.
+    exact = [row for row in document["rows"] if row["target"] == "identical"]
+    assert {row["benchmark"] for row in exact} == {"select", "overlap"}
+    assert all(row["passed"] is True for row in exact)
+
+
+def test_run_all_reports_a_crashed_benchmark(tmp_path, monkeypatch):
+    """A script that dies without rows fails the suite and is named, in quick and full mode alike."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run_all
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    broken = tmp_path / "broken.py"
+    broken.write_text("import sys\nprint('no rows here')\nsys.exit(3)\n")
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    outcome = run_all.run_one(run_all.Benchmark("broken", "broken.py"), quick=True)
+    assert outcome.returncode == 3 and outcome.rows == []
+    assert "no JSON rows" in outcome.error
+    assert run_all.failures([outcome], quick=True) == [f"broken: {outcome.error}"]
+    missed = run_all.Outcome("x", [], 1.0, 1, rows=[{"benchmark": "x", "metric": "m", "passed": False}])
+    assert run_all.failures([missed], quick=True) == []
+    assert run_all.failures([missed], quick=False) == ["x: m"]
