@@ -50,6 +50,7 @@ K_FORMS = 'a count ("7600000", "7.6M", "500k"), a fraction in (0, 1) ("0.028") o
 _CHUNK = 1 << 22  # entries per chunk when scanning tensors: bounds the scratch memory at a few tens of MB
 _GRAM_BLOCK = 1 << 22  # entries per float64 block when forming a Gram matrix
 _PARALLEL_BELOW = 1 << 24  # matrices smaller than this are denoised concurrently, one thread each
+_COMPACT_BELOW = 0.75  # drop all-zero lines of the long side when fewer than this share of lines is live
 _DIGIT_BITS = 16
 _SAMPLE = 1 << 19  # keys sampled to bracket the k-th largest one
 _K_SCALES = {"k": 10**3, "m": 10**6, "b": 10**9}
@@ -216,8 +217,32 @@ def _entry_count(k: int | float, total: int) -> int:
 
 @torch.no_grad()
 def _denoise_matrix(delta: Tensor, rank: int | float, keep: float) -> tuple[Tensor, dict[str, Any]]:
-    """L + S of one matrix and its report entry (everything but name and time)."""
+    """L + S of one matrix and its report entry (everything but name and time).
+
+    Lines of the long side that are entirely zero (embedding rows of tokens the data never showed: most
+    of a language SFT's 250 002) add nothing to the Gram matrix, project to zero and leave a zero residual,
+    so they are dropped before the decomposition and restored as zeros: the same L + S, much sooner.
+    """
     x = delta.detach().to(torch.float32).contiguous()
+    kept = round(keep * x.numel())
+    lines = x if x.shape[0] >= x.shape[1] else x.T  # long side first
+    live = lines.abs().amax(dim=1) > 0
+    count = int(live.sum())
+    if count > _COMPACT_BELOW * lines.shape[0]:
+        denoised, spectrum = _denoise_dense(x, rank, kept)
+    elif count == 0:
+        denoised, spectrum = x.clone(), {"rank": 0, "energy_kept": 1.0}
+    else:
+        compact, spectrum = _denoise_dense(lines[live], rank, min(kept, count * lines.shape[1]))
+        full = torch.zeros_like(lines)
+        full[live] = compact
+        denoised = full if lines is x else full.T
+    entry = {"shape": list(x.shape), "rank": spectrum["rank"], "max_rank": min(x.shape)}
+    entry |= {"energy_kept": spectrum["energy_kept"], "residual_kept": kept}
+    return denoised.to(delta.dtype), entry
+
+
+def _denoise_dense(x: Tensor, rank: int | float, kept: int) -> tuple[Tensor, dict[str, Any]]:
     tall = x.shape[0] >= x.shape[1]
     energies, vectors = _gram_spectrum(x)
     r = _chosen_rank(energies, rank)
@@ -227,19 +252,11 @@ def _denoise_matrix(delta: Tensor, rank: int | float, keep: float) -> tuple[Tens
         torch.sub(x, residual, out=residual)
     else:
         residual = _project(x, vectors[:, r:].to(torch.float32), tall)
-    kept = round(keep * x.numel())
     if kept:
         residual.masked_fill_(_top_k_masks([residual], kept, ["residual"])[0], 0)
     denoised = torch.sub(x, residual, out=residual)  # L + S = δ − (R outside the kept entries)
     total = float(energies.sum())
-    entry = {
-        "shape": list(x.shape),
-        "rank": r,
-        "max_rank": energies.numel(),
-        "energy_kept": float(energies[:r].sum()) / total if total > 0 else 1.0,
-        "residual_kept": kept,
-    }
-    return denoised.to(delta.dtype), entry
+    return denoised, {"rank": r, "energy_kept": float(energies[:r].sum()) / total if total > 0 else 1.0}
 
 
 def _gram_spectrum(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -423,3 +423,29 @@ def test_denoise_all_gives_the_same_result_with_concurrent_small_matrices(monkey
     for name in deltas:
         assert torch.equal(concurrent[name], sequential[name]), name
     assert [e["rank"] for e in concurrent_report] == [e["rank"] for e in sequential_report]
+
+
+@pytest.mark.parametrize(("shape", "live_axis"), [((400, 24), 0), ((24, 400), 1), ((300, 40), 0)])
+@pytest.mark.parametrize("rank", [0.9, 5, 100])
+def test_all_zero_lines_are_skipped_without_changing_the_result(shape, live_axis, rank):
+    """An embedding δ with most rows zero (tokens the data never showed) is denoised exactly as a whole."""
+    generator = torch.Generator().manual_seed(11)
+    delta = low_rank_plus_noise(*shape, seed=11)
+    lines = shape[live_axis]
+    dead = torch.rand(lines, generator=generator) < 0.8
+    if live_axis == 0:
+        delta[dead] = 0
+    else:
+        delta[:, dead] = 0
+    out = deftx.denoise(delta, rank, keep=0.05)
+    assert_close_to_reference(out, delta, reference_denoise(delta, rank, 0.05))
+    assert bool((out[dead] if live_axis == 0 else out[:, dead]).eq(0).all())
+    _, report = deftx.denoise_all({"embeddings.word_embeddings.weight": delta}, rank)
+    assert report[0]["shape"] == list(shape) and report[0]["max_rank"] == min(shape)
+    assert report[0]["rank"] == reference_denoise(delta, rank, 0.05)["rank"]
+
+
+def test_an_all_zero_matrix_denoises_to_zero():
+    out, report = deftx.denoise_all({"encoder.layer.0.output.dense.weight": torch.zeros(30, 20)}, 0.9)
+    assert bool(out["encoder.layer.0.output.dense.weight"].eq(0).all())
+    assert report[0]["rank"] == 0
