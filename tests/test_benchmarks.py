@@ -60,3 +60,29 @@ def test_run_all_reports_a_crashed_benchmark(tmp_path, monkeypatch):
     missed = run_all.Outcome("x", [], 1.0, 1, rows=[{"benchmark": "x", "metric": "m", "passed": False}])
     assert run_all.failures([missed], quick=True) == []
     assert run_all.failures([missed], quick=False) == ["x: m"]
+
+
+def test_nusax_mini_table_is_mean_and_std_over_seeds(tmp_path):
+    """The miniature's summary (its full run is too long for CI): per-language mean ± std, average over targets."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import nusax_mini
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    budget = nusax_mini.QUICK  # one target (ace) plus the source language
+    state = nusax_mini.State(tmp_path / "state.json")
+    for seed, (ace, ind) in enumerate([(0.50, 0.70), (0.60, 0.80)]):
+        for row in nusax_mini.ROWS:
+            state.set_score(row, seed, "ace", {"macro_f1": ace, "accuracy": 0.0, "n": 100})
+            state.set_score(row, seed, "ind", {"macro_f1": ind, "accuracy": 0.0, "n": 100})
+    resumed = nusax_mini.State(tmp_path / "state.json")  # what a rerun reads back
+    table = nusax_mini.summarise(resumed, budget, [0, 1])
+    mean, std = table[nusax_mini.FULL_FT]["ace"]
+    assert mean == pytest.approx(55.0) and std == pytest.approx(7.0710678)
+    assert table[nusax_mini.FULL_FT]["avg"] == table[nusax_mini.FULL_FT]["ace"]
+    assert table[nusax_mini.FULL_FT]["ind"][0] == pytest.approx(75.0)
+    lines = nusax_mini.markdown(table, budget, [0, 1]).splitlines()
+    assert lines[0] == "| row | ace | avg | ind (source) |"
+    assert lines[2] == f"| {nusax_mini.FULL_FT} | 55.0 ± 7.1 | 55.0 ± 7.1 | 75.0 ± 7.1 |"
+    assert len(lines) == 2 + len(nusax_mini.ROWS)
+    assert nusax_mini.QUICK.digest() != nusax_mini.FULL.digest()

@@ -23,8 +23,6 @@ _LAZY = {
     "evaluate": "sftkit.training.evaluation",
     "load_corpus": "sftkit.training.data",
     "load_labelled": "sftkit.training.data",
-    "quick_language_sft": "sftkit.training.quick",
-    "quick_task_sft": "sftkit.training.quick",
 }
 
 __all__ = sorted(_LAZY)
