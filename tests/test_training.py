@@ -21,14 +21,6 @@ from sftkit.training.sparse import SparseUpdater
 STEPS = {"max_steps": 8, "eval_steps": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class _StartSpy(SparseUpdater):
     """Records the model's state at the moment the sparse phase begins."""
 

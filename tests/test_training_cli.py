@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -16,14 +15,6 @@ from sftkit.training import evaluate
 
 runner = CliRunner()
 FAST = ["--recipe", "quick", "--max-steps", "6", "--eval-steps", "3"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -20,14 +20,6 @@ STEPS = 6
 LR, WEIGHT_DECAY, L1, CLIP = 3e-3, 0.01, 0.1, 1.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _model_and_batches(tiny_base, toy_languages, kind):
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, DataCollatorWithPadding
 
