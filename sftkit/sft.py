@@ -109,6 +109,13 @@ class SparseDelta:
                 f"{self.indices.numel()} indices but {self.values.numel()} values for shape {self.shape}"
             )
 
+    @classmethod
+    def from_dense(cls, delta: torch.Tensor) -> SparseDelta:
+        """The non-zero entries of a dense delta."""
+        flat = delta.detach().reshape(-1)
+        indices = flat.nonzero().flatten()
+        return cls(tuple(delta.shape), indices, flat[indices].clone())
+
     @property
     def numel(self) -> int:
         return int(torch.Size(self.shape).numel())
@@ -188,12 +195,7 @@ class SparseFineTuning:
         metadata: SFTMetadata | None = None,
     ) -> SparseFineTuning:
         """Keep the non-zero entries of dense deltas (handy for imports and tests)."""
-        diffs = {}
-        for name, delta in deltas.items():
-            flat = delta.detach().reshape(-1)
-            indices = flat.nonzero().flatten()
-            diffs[name] = SparseDelta(tuple(delta.shape), indices, flat[indices].clone())
-        return cls(diffs, full, metadata)
+        return cls({name: SparseDelta.from_dense(delta) for name, delta in deltas.items()}, full, metadata)
 
     # ------------------------------------------------------------------ statistics
     @property

@@ -354,7 +354,7 @@ def _tied_decoder(
     embeddings = base_params.get(WORD_EMBEDDINGS)
     if embeddings is not None and tuple(embeddings.shape) == tuple(tensor.shape):
         delta = tensor.float() - embeddings.detach().float()
-        diffs[WORD_EMBEDDINGS] = _sparse(delta)
+        diffs[WORD_EMBEDDINGS] = SparseDelta.from_dense(delta)
         del full[name]
         bookkeeping.setdefault("converted", []).append(name)
         yield f"{name} (the tied word embeddings) converted to a sparse delta of {WORD_EMBEDDINGS} against the base"
@@ -363,12 +363,6 @@ def _tied_decoder(
             f"{name} kept as a dense MLM-head tensor (applied with the MLM head only); "
             "import with --base to keep the embedding change in compositions"
         )
-
-
-def _sparse(delta: torch.Tensor) -> SparseDelta:
-    flat = delta.reshape(-1)
-    indices = flat.nonzero().flatten()
-    return SparseDelta(tuple(delta.shape), indices, flat[indices].clone())
 
 
 def _check_shapes(sft: SparseFineTuning, base_params: Mapping[str, torch.Tensor]) -> None:
