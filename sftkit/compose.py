@@ -87,25 +87,29 @@ def _head_part(parts: Sequence[Part], head: str, head_from: int | None) -> Part 
     return candidates[0]
 
 
-def load_base(base: str, head: str, labels: Sequence[str] | None = None, revision: str | None = None):
-    """Load θ0 with the requested head from a Hub id or a local directory."""
+def head_class(head: str, labels: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The transformers Auto class of a head and the config overrides it needs (a classifier's labels)."""
     from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    if head == "sequence-classification":
+        labels = list(labels or [])
+        overrides = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)},
+        }
+        return AutoModelForSequenceClassification, overrides
+    return (AutoModelForMaskedLM if head == "masked-lm" else AutoModel), {}
+
+
+def load_base(base: str, head: str, labels: Sequence[str] | None = None, revision: str | None = None):
+    """Load θ0 with the requested head from a Hub id or a local directory."""
+    auto, overrides = head_class(head, labels)
+    if revision:
+        overrides["revision"] = revision
     try:
         with quiet_transformers():
-            if head == "sequence-classification":
-                labels = list(labels or [])
-                return AutoModelForSequenceClassification.from_pretrained(
-                    base,
-                    num_labels=len(labels),
-                    id2label=dict(enumerate(labels)),
-                    label2id={label: i for i, label in enumerate(labels)},
-                    **kwargs,
-                )
-            if head == "masked-lm":
-                return AutoModelForMaskedLM.from_pretrained(base, **kwargs)
-            return AutoModel.from_pretrained(base, **kwargs)
+            return auto.from_pretrained(base, **overrides)
     except (OSError, ValueError) as exc:
         raise BadInputError(f"cannot load base model {base!r}: {str(exc).splitlines()[0]}") from exc
 

@@ -80,22 +80,12 @@ def _checkpoint_files(snapshot: Path) -> list[Path] | None:
 
 def _target_model(snapshot: Path, composition: Plan):
     """The output model class on the meta device: names, shapes and head, with no weights."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
-    labels = composition.labels or []
-    overrides: dict[str, Any] = {}
-    if composition.head == "sequence-classification":
-        overrides = {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {label: i for i, label in enumerate(labels)},
-        }
+    from sftkit.compose import head_class
+
+    auto, overrides = head_class(composition.head, composition.labels)
     config = AutoConfig.from_pretrained(snapshot, **overrides)
-    auto = {
-        "sequence-classification": AutoModelForSequenceClassification,
-        "masked-lm": AutoModelForMaskedLM,
-        "none": AutoModel,
-    }[composition.head]
     with torch.device("meta"):
         return auto.from_config(config)
 
