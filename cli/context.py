@@ -17,6 +17,7 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from registry import Registry, SFTRecord
+    from registry.listing import SQLiteListing
     from sftkit.sft import SparseFineTuning
 
 console = Console()
@@ -39,6 +40,14 @@ class State:
 
             self._registry = Registry.open(home=self.home, url=self.registry_url)
         return self._registry
+
+    def listing(self) -> SQLiteListing | Registry:
+        """For read-only ``find``: skips SQLAlchemy's import when the registry allows (see registry.listing)."""
+        if self._registry is not None:
+            return self._registry
+        from registry.listing import open_listing
+
+        return open_listing(home=self.home, url=self.registry_url)
 
 
 def state(ctx: typer.Context) -> State:

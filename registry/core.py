@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, literal_column, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,9 +33,11 @@ from registry.artifacts import (
     hash_artifact,
     inspect_artifact,
 )
-from registry.database import HEAD, Database, sqlite_url
+from registry.database import Database
+from registry.listing import checked_kind, checked_sort
+from registry.location import DB_NAME, HEAD, home_directory, sqlite_url, store_directory, writable_directory
 from registry.records import SFTRecord, VerifyProblem, canonical_reference
-from registry.references import KIND_ALIASES, ParsedReference, check_name, check_tag, looks_like_path, parse_reference
+from registry.references import ParsedReference, check_name, check_tag, looks_like_path, parse_reference
 from registry.schema import UNKNOWN_BASE, InfoRow, SeriesRow, SFTRow, TagRow
 from sftkit.errors import BadInputError, BaseMismatchError, NotFoundError, SftkitError
 from sftkit.inspect import CONFIG_NAME
@@ -43,35 +45,7 @@ from sftkit.inspect import CONFIG_NAME
 if TYPE_CHECKING:
     from sftkit.sft import SparseFineTuning
 
-DB_NAME = "registry.db"
 _ADD_ATTEMPTS = 5
-
-SORT_KEYS: dict[str, tuple[Any, ...]] = {
-    "created": (SFTRow.created,),
-    "version": (SFTRow.version,),
-    "name": (func.coalesce(SFTRow.language, SFTRow.task), SFTRow.version),
-    "kind": (SFTRow.kind,),
-    "language": (SFTRow.language,),
-    "task": (SFTRow.task,),
-    "base": (SFTRow.base_model,),
-    "method": (SFTRow.method,),
-    "density": (SFTRow.density,),
-    "entries": (SFTRow.num_entries,),
-    "k": (SFTRow.k,),
-    "size": (SFTRow.size_bytes,),
-}
-
-
-def _default_home() -> Path:
-    return Path(os.environ.get("SFTKIT_HOME") or "~/.sftkit").expanduser()
-
-
-def _writable_directory(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(path, os.W_OK)
 
 
 class Registry:
@@ -95,13 +69,13 @@ class Registry:
 
         A read-only home still opens for reading; writing then fails with a clear message.
         """
-        home_dir = Path(home).expanduser() if home else _default_home()
+        home_dir = home_directory(home)
         url = url or os.environ.get("SFTKIT_REGISTRY_URL") or None
-        store_dir = Path(store or os.environ.get("SFTKIT_STORE") or home_dir / "store").expanduser()
+        store_dir = store_directory(home_dir, store)
         readonly = False
         if url is None:
             db_path = home_dir / DB_NAME
-            if not _writable_directory(home_dir):
+            if not writable_directory(home_dir):
                 if not db_path.is_file():
                     raise BadInputError(
                         f"no registry in {home_dir}, and it is not writable so none can be created: "
@@ -397,15 +371,11 @@ class Registry:
         descending: bool = True,
         limit: int | None = None,
     ) -> list[SFTRecord]:
-        """Records matching every given filter, sorted by ``sort`` (one of ``SORT_KEYS``)."""
-        if sort not in SORT_KEYS:
-            raise BadInputError(f"cannot sort by {sort!r}: choose one of {', '.join(SORT_KEYS)}")
+        """Records matching every given filter, sorted by ``sort`` (one of ``registry.listing.SORT_KEYS``)."""
+        order = checked_sort(sort)
         query = select(SFTRow)
-        if kind is not None:
-            if kind not in KIND_ALIASES:
-                raise BadInputError(f"kind must be 'language' (or 'lang') or 'task', not {kind!r}")
-            query = query.where(SFTRow.kind == KIND_ALIASES[kind])
         for column, value in (
+            (SFTRow.kind, checked_kind(kind)),
             (SFTRow.language, language),
             (SFTRow.task, task),
             (SFTRow.base_model, base_model),
@@ -415,7 +385,7 @@ class Registry:
                 query = query.where(column == value)
         if tag is not None:
             query = query.where(SFTRow.id.in_(select(TagRow.sft_id).where(TagRow.name == tag)))
-        columns = (*SORT_KEYS[sort], SFTRow.id)
+        columns = (*(literal_column(expression) for expression in order), SFTRow.id)
         query = query.order_by(*(column.desc() if descending else column.asc() for column in columns))
         if limit is not None:
             query = query.limit(limit)

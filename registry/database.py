@@ -12,31 +12,16 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
+from registry.location import BUSY_TIMEOUT_S, HEAD, SCHEMA_REVISIONS
 from sftkit.errors import BadInputError, SftkitError
 
-# Oldest first; the last one is what this sftkit needs. Must match registry/migrations/versions.
-SCHEMA_REVISIONS = ("0001", "0002")
-HEAD = SCHEMA_REVISIONS[-1]
-BUSY_TIMEOUT_S = 60
 _MIGRATIONS = Path(__file__).with_name("migrations")
-
-
-def sqlite_url(path: Path, readonly: bool = False) -> str:
-    """URL of a SQLite file.
-
-    ``readonly`` opens it as immutable: a WAL database in a directory we cannot write to is otherwise
-    unreadable. The price: a change made meanwhile by someone who can write is not seen reliably.
-    """
-    if readonly:
-        return f"sqlite:///file:{quote(str(path.resolve()))}?mode=ro&immutable=1&uri=true"
-    return f"sqlite:///{path.resolve()}"
 
 
 class Database:

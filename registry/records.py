@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,38 @@ class VerifyProblem:
 
     def to_dict(self) -> dict[str, str]:
         return {"reference": self.reference, "sha256": self.sha256, "path": str(self.path), "problem": self.problem}
+
+
+def record_from_columns(columns: Mapping[str, Any], tags: Iterable[str], path: Path) -> SFTRecord:
+    """An ``SFTRecord`` from the values of one ``sfts`` row (ORM attributes or a raw SQL row alike)."""
+    created = columns["created"]
+    if created is not None and created.tzinfo is None:  # SQLite drops the zone; we always store UTC
+        created = created.replace(tzinfo=timezone.utc)
+    kind = columns["kind"]
+    name = columns["language"] if kind == "language" else columns["task"]
+    return SFTRecord(
+        id=columns["id"],
+        reference=canonical_reference(kind, name, columns["version"]),
+        kind=kind,
+        language=columns["language"],
+        task=columns["task"],
+        version=columns["version"],
+        base_model=columns["base_model"] or None,
+        base_revision=columns["base_revision"],
+        base_fingerprint=columns["base_fingerprint"],
+        method=columns["method"],
+        rank=columns["rank"],
+        keep=columns["keep"],
+        k=columns["k"],
+        density=columns["density"],
+        num_entries=columns["num_entries"],
+        sha256=columns["sha256"],
+        size_bytes=columns["size_bytes"],
+        metrics=dict(columns["metrics"] or {}),
+        trainer=dict(columns["trainer"] or {}),
+        source_id=columns["source_id"],
+        source_reference=columns["source_reference"],
+        created=created,
+        tags=tuple(sorted(tags)),
+        path=path,
+    )

@@ -14,7 +14,7 @@ checks that the two agree.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from registry.records import SFTRecord, canonical_reference
+from registry.records import SFTRecord, canonical_reference, record_from_columns
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -111,35 +111,8 @@ class SFTRow(Base):
         return canonical_reference(self.kind, self.language if self.kind == "language" else self.task, self.version)
 
     def to_record(self, path: Path) -> SFTRecord:
-        created = self.created
-        if created.tzinfo is None:  # SQLite drops the zone; we always store UTC
-            created = created.replace(tzinfo=timezone.utc)
-        return SFTRecord(
-            id=self.id,
-            reference=self.reference,
-            kind=self.kind,
-            language=self.language,
-            task=self.task,
-            version=self.version,
-            base_model=self.base_model or None,
-            base_revision=self.base_revision,
-            base_fingerprint=self.base_fingerprint,
-            method=self.method,
-            rank=self.rank,
-            keep=self.keep,
-            k=self.k,
-            density=self.density,
-            num_entries=self.num_entries,
-            sha256=self.sha256,
-            size_bytes=self.size_bytes,
-            metrics=dict(self.metrics or {}),
-            trainer=dict(self.trainer or {}),
-            source_id=self.source_id,
-            source_reference=self.source_reference,
-            created=created,
-            tags=tuple(sorted(tag.name for tag in self.tags)),
-            path=path,
-        )
+        columns = {column.key: getattr(self, column.key) for column in self.__table__.columns}
+        return record_from_columns(columns, (tag.name for tag in self.tags), path)
 
 
 class TagRow(Base):

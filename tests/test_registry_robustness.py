@@ -185,7 +185,10 @@ _READ_ONLY_SCRIPT = textwrap.dedent(
     """
     import sys
     from registry import Registry
+    from registry.listing import open_listing
     from sftkit.errors import BadInputError
+    listing = open_listing(home=sys.argv[1])
+    print("fast listing", type(listing).__name__, sorted(r.reference for r in listing.find()))
     registry = Registry.open(home=sys.argv[1])
     print("listed", sorted(r.reference for r in registry.find()))
     for action in (lambda: registry.add(sys.argv[2]), lambda: registry.tag("ace", "best"),
@@ -218,8 +221,9 @@ def test_a_read_only_home_can_be_read_but_not_written(stocked, tmp_path):
             path.chmod(mode)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "listed ['lang:ace@1', 'task:sa@1']"
-    assert len(lines) == 5 and all("read-only" in line for line in lines[1:]), lines
+    assert lines[0] == "fast listing SQLiteListing ['lang:ace@1', 'task:sa@1']"
+    assert lines[1] == "listed ['lang:ace@1', 'task:sa@1']"
+    assert len(lines) == 6 and all("read-only" in line for line in lines[2:]), lines
     unharmed()
 
 

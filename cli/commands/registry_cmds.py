@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cli.context import console, err_console, print_json, progress, resolve, state
+from registry.listing import SORT_KEYS
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -57,7 +58,7 @@ MAINTENANCE = """
 entries no row references (left by interrupted adds); [b]db upgrade[/b] migrates the schema.
 """
 
-_SORTS = "created, version, name, kind, language, task, base, method, density, entries, k, size"
+_SORTS = ", ".join(SORT_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -137,7 +138,7 @@ def list_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON array of records.")] = False,
 ) -> None:
     """List registered SFTs, newest first."""
-    registry = state(ctx).registry()
+    registry = state(ctx).listing()
     records = registry.find(
         kind=kind,
         language=lang,
