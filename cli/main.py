@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.markup import escape
 from typer.core import TyperGroup
@@ -24,11 +23,9 @@ from sftkit.errors import BadInputError, SftkitError
 class _ErrorHandlingGroup(TyperGroup):
     """Turns library errors into one line on stderr and the documented exit code."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/red] — nothing half-written was kept")
             raise typer.Exit(130) from None
