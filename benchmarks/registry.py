@@ -10,8 +10,8 @@ API, each call in its own session as the CLI does, and the SQLAlchemy-free ``SQL
 fetch every record (``find()`` without filters) and filter / pick the newest in Python; both must
 return the same records. ratio = ours / baseline (lower is better).
 
-Also measured: a fresh ``sftkit --help`` and ``sftkit list --lang …`` process against the 10 000-row
-registry (baseline: a bare ``python -c pass``), and one real ``add`` of a tiny SFT directory
+Also measured: fresh ``sftkit --help``, ``list --lang …``, ``show`` and ``tag`` processes against the
+10 000-row registry (baseline: a bare ``python -c pass``), and one real ``add`` of a tiny SFT directory
 (baseline: copying the directory without hashing, fsync or database).
 
     python benchmarks/registry.py            # full run, ~1 min
@@ -156,11 +156,32 @@ def query_rows(registry: Registry, repeats: int, baseline_repeats: int) -> list[
     return rows
 
 
+def tiny_sft_directory(path: Path, seed: int) -> Path:
+    """A real SFT directory (one 64 × 64 delta) for the commands that read or write artifacts."""
+    import torch
+
+    from sftkit.sft import SFTMetadata, SparseFineTuning
+
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {"encoder.layer.0.attention.self.query.weight": torch.randn(64, 64, generator=generator)}
+    sft = SparseFineTuning.from_dense_deltas(deltas, metadata=SFTMetadata(language="xx", base_model="b"))
+    return sft.save(path)
+
+
 def startup_rows(home: Path, repeats: int) -> list[Row]:
+    """Fresh ``sftkit`` processes on the 10 000-row registry: the commands that need no model."""
+    with Registry.open(home=home) as registry:
+        shown = registry.add(tiny_sft_directory(home.parent / "shown", seed=0)).reference
     cli = [sys.executable, "-c", "from cli.main import main; main()", "--home", str(home)]
     bare = process_seconds([sys.executable, "-c", "pass"], repeats)
+    commands = [
+        ("sftkit --help (s)", ["--help"]),
+        ("sftkit list --lang (s)", ["list", "--lang", "l123"]),
+        ("sftkit show (s)", ["show", shown]),
+        ("sftkit tag (s)", ["tag", shown, "fast"]),
+    ]
     rows = []
-    for metric, args in (("sftkit --help (s)", ["--help"]), ("sftkit list --lang (s)", ["list", "--lang", "l123"])):
+    for metric, args in commands:
         seconds = process_seconds(cli + args, repeats)
         rows.append(Row(metric, seconds, bare, "python -c pass", seconds / bare, "≤ 0.5 s", seconds <= START_TARGET_S))
     return rows
@@ -168,16 +189,7 @@ def startup_rows(home: Path, repeats: int) -> list[Row]:
 
 def add_row(root: Path, repeats: int) -> Row:
     """One real add of a tiny SFT directory (copy, hash, fsync, transaction), into a fresh registry."""
-    import torch
-
-    from sftkit.sft import SFTMetadata, SparseFineTuning
-
-    directories = []
-    for seed in range(repeats + 1):
-        generator = torch.Generator().manual_seed(seed)
-        deltas = {"encoder.layer.0.attention.self.query.weight": torch.randn(64, 64, generator=generator)}
-        sft = SparseFineTuning.from_dense_deltas(deltas, metadata=SFTMetadata(language="xx", base_model="b"))
-        directories.append(sft.save(root / f"sft-{seed}"))
+    directories = [tiny_sft_directory(root / f"sft-{seed}", seed) for seed in range(repeats + 1)]
     registry = Registry.open(home=root / "home")
     queue = iter(directories)
     ours = median_ms(lambda: registry.add(next(queue)), repeats)
