@@ -31,7 +31,7 @@ from registry.location import (
 )
 from registry.records import SFTRecord, record_from_columns
 from registry.references import KIND_ALIASES
-from sftkit.errors import BadInputError
+from sftkit.errors import BadInputError, SftkitError
 
 if TYPE_CHECKING:
     from registry.core import Registry
@@ -135,13 +135,16 @@ class SQLiteListing:
         if limit is not None:
             sql += " LIMIT ?"
             parameters.append(limit)
-        with closing(self._connection.cursor()) as cursor:
-            cursor.execute("BEGIN")  # rows and tags from one snapshot
-            try:
-                rows = list(_dict_rows(cursor.execute(sql, parameters)))
-                tags = self._tags([row["id"] for row in rows])
-            finally:
-                cursor.execute("COMMIT")
+        try:
+            with closing(self._connection.cursor()) as cursor:
+                cursor.execute("BEGIN")  # rows and tags from one snapshot
+                try:
+                    rows = list(_dict_rows(cursor.execute(sql, parameters)))
+                    tags = self._tags([row["id"] for row in rows])
+                finally:
+                    cursor.execute("COMMIT")
+        except sqlite3.Error as exc:  # one clear line, as the SQLAlchemy path gives (never a driver traceback)
+            raise SftkitError(f"registry database error ({self.url}): {exc}") from exc
         return [
             record_from_columns(_decoded(row), tags.get(row["id"], ()), self.store.path_for(row["sha256"]))
             for row in rows

@@ -15,7 +15,7 @@ from registry_helpers import tiny_sft
 from registry import Registry
 from registry.listing import SORT_KEYS, SQLiteListing, open_listing
 from registry.location import SCHEMA_REVISIONS
-from sftkit.errors import BadInputError
+from sftkit.errors import BadInputError, SftkitError
 
 ROOT = Path(__file__).parents[1]
 
@@ -120,3 +120,14 @@ def test_sftkit_list_answers_without_importing_sqlalchemy(varied):
     assert result.returncode == 0, result.stderr
     assert [r["reference"] for r in json.loads(result.stdout)] == ["task:nli@1", "task:sa@1"]
     assert result.stderr.strip() == "False"
+
+
+def test_a_database_failure_while_listing_is_one_clear_error(varied):
+    import sqlite3
+
+    listing = open_listing()
+    with sqlite3.connect(varied / "registry.db") as connection:
+        connection.execute("ALTER TABLE tags RENAME TO tags_gone")
+    with pytest.raises(SftkitError, match=r"registry database error \(sqlite:///.*registry.db\): no such table: tags"):
+        listing.find()
+    listing.close()
