@@ -51,8 +51,6 @@ SORT_KEYS: dict[str, tuple[str, ...]] = {
     "k": ("k",),
     "size": ("size_bytes",),
 }
-# Filter → column; a value of None means "any".
-FILTER_COLUMNS = {"language": "language", "task": "task", "base_model": "base_model", "method": "method"}
 
 
 def checked_kind(kind: str | None) -> str | None:
