@@ -35,7 +35,15 @@ from registry.artifacts import (
 )
 from registry.database import Database
 from registry.listing import checked_kind, checked_sort
-from registry.location import DB_NAME, HEAD, home_directory, sqlite_url, store_directory, writable_directory
+from registry.location import (
+    DB_NAME,
+    HEAD,
+    home_directory,
+    registry_url,
+    sqlite_url,
+    store_directory,
+    writable_directory,
+)
 from registry.records import SFTRecord, VerifyProblem, canonical_reference
 from registry.references import ParsedReference, check_name, check_tag, looks_like_path, parse_reference
 from registry.schema import UNKNOWN_BASE, InfoRow, SeriesRow, SFTRow, TagRow
@@ -70,7 +78,7 @@ class Registry:
         A read-only home still opens for reading; writing then fails with a clear message.
         """
         home_dir = home_directory(home)
-        url = url or os.environ.get("SFTKIT_REGISTRY_URL") or None
+        url = registry_url(url)
         store_dir = store_directory(home_dir, store)
         readonly = False
         if url is None:

@@ -25,6 +25,7 @@ from registry.location import (
     DB_NAME,
     HEAD,
     home_directory,
+    registry_url,
     sqlite_file_uri,
     store_directory,
     writable_directory,
@@ -116,8 +117,13 @@ class SQLiteListing:
         """Same contract as ``Registry.find``."""
         order = checked_sort(sort)
         conditions, parameters = [], []
-        filters = {"kind": checked_kind(kind), "language": language, "task": task}
-        filters |= {"base_model": base_model, "method": method}
+        filters = {
+            "kind": checked_kind(kind),
+            "language": language,
+            "task": task,
+            "base_model": base_model,
+            "method": method,
+        }
         for column, value in filters.items():
             if value is not None:
                 conditions.append(f"{column} = ?")
@@ -180,7 +186,7 @@ def open_listing(
     store: str | os.PathLike[str] | None = None,
 ) -> SQLiteListing | Registry:
     """Something with ``find`` and ``url`` for this registry, as cheaply as it can be had."""
-    url = url or os.environ.get("SFTKIT_REGISTRY_URL") or None
+    url = registry_url(url)
     if url is None:
         home_dir = home_directory(home)
         listing = SQLiteListing.open(home_dir, store_directory(home_dir, store))

@@ -24,6 +24,11 @@ def home_directory(home: str | os.PathLike[str] | None) -> Path:
     return Path(home).expanduser() if home else default_home()
 
 
+def registry_url(url: str | None) -> str | None:
+    """The database URL given, else ``$SFTKIT_REGISTRY_URL``; None means the SQLite file in the home."""
+    return url or os.environ.get("SFTKIT_REGISTRY_URL") or None
+
+
 def store_directory(home_dir: Path, store: str | os.PathLike[str] | None = None) -> Path:
     return Path(store or os.environ.get("SFTKIT_STORE") or home_dir / "store").expanduser()
 
