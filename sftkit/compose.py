@@ -104,14 +104,22 @@ def head_class(head: str, labels: Sequence[str] | None = None) -> tuple[Any, dic
 
 def load_base(base: str, head: str, labels: Sequence[str] | None = None, revision: str | None = None):
     """Load θ0 with the requested head from a Hub id or a local directory."""
+    return load_base_reporting(base, head, labels, revision)[0]
+
+
+def load_base_reporting(
+    base: str, head: str, labels: Sequence[str] | None = None, revision: str | None = None
+) -> tuple[Any, list[str]]:
+    """``load_base`` plus the sorted names of the weights the checkpoint lacked (a freshly initialised head)."""
     auto, overrides = head_class(head, labels)
     if revision:
         overrides["revision"] = revision
     try:
         with quiet_transformers():
-            return auto.from_pretrained(base, **overrides)
+            model, info = auto.from_pretrained(base, output_loading_info=True, **overrides)
     except (OSError, ValueError) as exc:
         raise BadInputError(f"cannot load base model {base!r}: {str(exc).splitlines()[0]}") from exc
+    return model, sorted(info.get("missing_keys", ()))
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 
 The LT-SFT writer here is a test helper built from the format's facts alone (issue 8), independent of
 ``sftkit.interop``: column-major flat indices, index steps with a numpy int64 first element, empty
-entries for untouched parameters, full-model names.
+entries for untouched parameters, full-model names. So is ``reference_apply``, the reference's
+``SFT.apply`` semantics that an import + composition must reproduce exactly (issue 12).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shlex
@@ -17,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import one_line_error
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-from sftkit.compose import compose
+from sftkit.compose import compose, load_base
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.fingerprint import base_fingerprint
 from sftkit.interop import detect_format, export_sft, import_sft
@@ -45,15 +47,48 @@ def encode_reference(dense: torch.Tensor) -> dict:
     return {"size": dense.size(), "index_steps": index_steps, "values": values}
 
 
-def decode_reference(entry: dict) -> torch.Tensor:
-    """Decode an entry with the column-major facts (no sftkit code involved)."""
+def reference_coordinates(entry: dict) -> tuple[torch.Tensor, ...]:
+    """Per-dimension coordinates of an entry's column-major flat indices (no sftkit code involved)."""
     size = list(entry["size"])
     flat = np.cumsum(np.array([int(s) for s in entry["index_steps"]], dtype=np.int64))
     divisors = np.cumprod([1, *size[:-1]], dtype=np.int64)
     coordinates = (flat[None, :] // divisors[:, None]) % np.array(size)[:, None]
-    dense = torch.zeros(size, dtype=entry["values"].dtype)
-    dense[tuple(torch.from_numpy(coordinates))] = entry["values"]
+    return tuple(torch.from_numpy(coordinates))
+
+
+def decode_reference(entry: dict) -> torch.Tensor:
+    """Decode an entry with the column-major facts."""
+    dense = torch.zeros(list(entry["size"]), dtype=entry["values"].dtype)
+    dense[reference_coordinates(entry)] = entry["values"]
     return dense
+
+
+def load_reference_file(directory: Path) -> dict:
+    """The payload the reference's ``SFT(path)`` reads (a file this module wrote, so a plain load is safe)."""
+    return torch.load(directory / LTSFT_FILE, weights_only=False)
+
+
+def reference_apply(model: torch.nn.Module, payload: dict, with_abs: bool) -> None:
+    """composable-sft's ``SFT.apply(model, with_abs)``: add each diff's values at its column-major flat
+    indices of the parameter of that name, then copy the ``abs`` tensors only ``with_abs`` (a language SFT
+    is applied with ``with_abs=False``: its abs is ignored, whatever it holds). A bare encoder's names lack
+    the full-model prefix, which is therefore dropped there."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    prefix = f"{model.base_model_prefix}."
+    with torch.no_grad():
+        for name, entry in payload["diffs"].items():
+            param = params[name if name in params else name.removeprefix(prefix)]
+            param.index_put_(reference_coordinates(entry), entry["values"].to(param.dtype), accumulate=True)
+        for name, tensor in payload["abs"].items() if with_abs else ():
+            params[name].copy_(tensor)
+
+
+def assert_same_weights(model: torch.nn.Module, expected: torch.nn.Module) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    wanted = dict(expected.named_parameters(remove_duplicate=False))
+    assert params.keys() == wanted.keys()
+    for name, param in params.items():
+        assert torch.equal(param, wanted[name]), name
 
 
 def sparse_random(shape, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -254,15 +289,20 @@ def test_prefix_is_detected_from_bert_names_and_mixed_names_are_refused(tmp_path
 # ------------------------------------------------------------------ tied MLM decoder
 @pytest.fixture(scope="module")
 def language_ltsft(tmp_path_factory, base_mlm):
-    """A language LT-SFT whose trained word embeddings sit densely in 'abs' under lm_head.decoder.weight."""
+    """A language LT-SFT as the reference writes it under transformers 5 with a tied decoder: the trained
+    word embeddings sit densely in 'abs' under lm_head.decoder.weight, with no word-embedding diff."""
     generator = torch.Generator().manual_seed(3)
     params = dict(base_mlm.roberta.named_parameters())
     embeddings = params["embeddings.word_embeddings.weight"].detach()
     trained = embeddings + sparse_random(embeddings.shape, 0.1, generator)
     ffn = sparse_random(params["encoder.layer.1.intermediate.dense.weight"].shape, 0.1, generator)
+    attention = sparse_random(params["encoder.layer.0.attention.output.dense.weight"].shape, 0.1, generator)
     head = {name: p.detach() + 0.25 for name, p in head_parameters(base_mlm)}
     payload = {
-        "diffs": {"roberta.encoder.layer.1.intermediate.dense.weight": encode_reference(ffn)},
+        "diffs": {
+            "roberta.encoder.layer.1.intermediate.dense.weight": encode_reference(ffn),
+            "roberta.encoder.layer.0.attention.output.dense.weight": encode_reference(attention),
+        },
         "abs": {**head, "lm_head.decoder.weight": trained},
     }
     directory = tmp_path_factory.mktemp("ltsft-lang")
@@ -270,30 +310,65 @@ def language_ltsft(tmp_path_factory, base_mlm):
     return directory, trained - embeddings, ffn
 
 
-def test_tied_decoder_becomes_an_embedding_delta_with_the_base(language_ltsft, tiny_base):
-    directory, embedding_delta, ffn = language_ltsft
-    result = import_sft(directory, {"language": "ace"}, base=str(tiny_base))
+@pytest.mark.parametrize("with_base", [True, False], ids=["base", "no-base"])
+def test_tied_decoder_stays_a_head_tensor_by_default(language_ltsft, tiny_base, with_base):
+    """With or without the base, the tied decoder stays a dense MLM-head tensor. (Until issue 12 an import
+    with the base turned it into a word-embedding delta, so compositions differed from the reference's
+    ``apply(with_abs=False)``; that is now the ``decoder_as_embeddings`` opt-in.)"""
+    directory, _, ffn = language_ltsft
+    result = import_sft(directory, {"language": "ace"}, base=str(tiny_base) if with_base else None)
     sft = result.sft
     assert sft.metadata.kind == "language"
+    assert "embeddings.word_embeddings.weight" not in sft.diffs
+    assert torch.equal(
+        sft.full["lm_head.decoder.weight"], load_reference_file(directory)["abs"]["lm_head.decoder.weight"]
+    )
+    assert torch.equal(sft.diffs["encoder.layer.1.intermediate.dense.weight"].to_dense(), ffn)
+    assert any("apply(with_abs=False)" in note and "--decoder-as-embeddings" in note for note in result.notes)
+    assert (sft.metadata.base_fingerprint is None) is not with_base
+    if not with_base:
+        assert any("--base" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("with_base", [True, False], ids=["base", "no-base"])
+@pytest.mark.parametrize("head", ["sequence-classification", "none", "masked-lm"])
+def test_imported_language_ltsft_composes_exactly_as_the_reference_apply(
+    language_ltsft, task_ltsft, tiny_base, head, with_base
+):
+    """Into a classifier (with a task SFT and its head) or a bare encoder, the language SFT's abs — its
+    tied decoder holding trained embeddings — is ignored, as by the reference's ``apply(with_abs=False)``;
+    into a masked-LM model it is applied, as by ``apply(with_abs=True)``."""
+    base = str(tiny_base) if with_base else None
+    language = import_sft(language_ltsft[0], {"language": "ace"}, base=base).sft
+    model = load_base(str(tiny_base), head, LABELS)
+    expected = copy.deepcopy(model)  # the same randomly initialised head or pooler on both sides
+    reference_apply(expected, load_reference_file(language_ltsft[0]), with_abs=head == "masked-lm")
+    sfts = [language]
+    if head == "sequence-classification":
+        sfts.append(import_sft(task_ltsft[0], {"task": "sa", "labels": LABELS}, base=base).sft)
+        reference_apply(expected, load_reference_file(task_ltsft[0]), with_abs=True)
+    assert_same_weights(compose(model, sfts, head=head), expected)
+
+
+def test_decoder_as_embeddings_is_an_opt_in_that_warns(language_ltsft, tiny_base):
+    """On request (and only with the base) the tied decoder becomes the word-embedding delta trained − base,
+    so compositions keep the embedding change and differ from the reference, as a note warns."""
+    directory, embedding_delta, ffn = language_ltsft
+    result = import_sft(directory, {"language": "ace"}, base=str(tiny_base), decoder_as_embeddings=True)
+    sft = result.sft
     assert "lm_head.decoder.weight" not in sft.full
     assert torch.equal(sft.diffs["embeddings.word_embeddings.weight"].to_dense(), embedding_delta)
     assert torch.equal(sft.diffs["encoder.layer.1.intermediate.dense.weight"].to_dense(), ffn)
-    assert any("converted" in note for note in result.notes)
-    # composing it into a classifier keeps the embedding change (the reference's with_abs=False would not)
+    assert sft.metadata.extra["lt_sft"]["converted"] == ["lm_head.decoder.weight"]
+    assert any("differ from composable-sft's apply(with_abs=False)" in note for note in result.notes)
     model = compose(str(tiny_base), [sft], head="none")
     base = AutoModelForMaskedLM.from_pretrained(tiny_base)
     assert torch.equal(
         model.embeddings.word_embeddings.weight, base.roberta.embeddings.word_embeddings.weight + embedding_delta
     )
-
-
-def test_tied_decoder_without_base_stays_a_head_tensor(language_ltsft):
-    directory, _, _ = language_ltsft
-    result = import_sft(directory, {"language": "ace"})
-    assert "lm_head.decoder.weight" in result.sft.full
-    assert "embeddings.word_embeddings.weight" not in result.sft.diffs
-    assert result.sft.metadata.base_fingerprint is None
-    assert any("--base" in note for note in result.notes)
+    without_base = import_sft(directory, {"language": "ace"}, decoder_as_embeddings=True)
+    assert "lm_head.decoder.weight" in without_base.sft.full
+    assert any("needs the base model (--base)" in note for note in without_base.notes)
 
 
 def test_redundant_tied_decoder_is_dropped(tmp_path):
@@ -498,3 +573,32 @@ def test_cli_import_with_an_unloadable_base_records_its_name_only(cli, language_
     assert record["base_model"] == str(tmp_path / "no-such-model")
     assert record["base_fingerprint"] is None
     assert any("cannot load base model" in note and "fingerprint is unknown" in note for note in record["notes"])
+
+
+def test_cli_import_then_compose_equals_the_reference_apply(cli, language_ltsft, task_ltsft, tiny_base, tmp_path):
+    """The default import, then ``sftkit compose`` (the streaming export), gives the reference's weights."""
+    language, task = load_reference_file(language_ltsft[0]), load_reference_file(task_ltsft[0])
+    assert not set(language["diffs"]) & set(task["diffs"])  # so the order of the additions cannot matter
+    result = cli("import", language_ltsft[0], "--lang", "ace", "--base", tiny_base)
+    assert result.exit_code == 0, result.output
+    assert "--decoder-as-embeddings" in result.stderr
+    result = cli("import", task_ltsft[0], "--task", "sa", "--labels", ",".join(LABELS), "--base", tiny_base)
+    assert result.exit_code == 0, result.output
+    result = cli("compose", "--task", "sa", "--lang", "ace", "-o", tmp_path / "model")
+    assert result.exit_code == 0, result.output
+    expected = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=len(LABELS))
+    reference_apply(expected, language, with_abs=False)
+    reference_apply(expected, task, with_abs=True)
+    assert_same_weights(AutoModelForSequenceClassification.from_pretrained(tmp_path / "model"), expected)
+
+
+def test_cli_decoder_as_embeddings_converts_with_a_warning(cli, language_ltsft, tiny_base, tmp_path):
+    directory, embedding_delta, _ = language_ltsft
+    result = cli("import", directory, "--lang", "ace", "--base", tiny_base, "--decoder-as-embeddings")
+    assert result.exit_code == 0, result.output
+    assert "registered lang:ace@1" in result.stdout
+    assert "note:" in result.stderr and "differ from composable-sft's apply(with_abs=False)" in result.stderr
+    assert cli("export", "lang:ace@1", "--format", "sftkit", "-o", tmp_path / "ours").exit_code == 0
+    sft = SparseFineTuning.load(tmp_path / "ours")
+    assert "lm_head.decoder.weight" not in sft.full
+    assert torch.equal(sft.diffs["embeddings.word_embeddings.weight"].to_dense(), embedding_delta)

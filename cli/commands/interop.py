@@ -54,6 +54,14 @@ ExportPrefixOption = Annotated[
     str | None,
     typer.Option(help="Encoder prefix for LT-SFT names (roberta, bert); default: recorded, else the base's config."),
 ]
+DecoderOption = Annotated[
+    bool,
+    typer.Option(
+        "--decoder-as-embeddings",
+        help="LT-SFT with --base: turn a tied MLM decoder (lm_head.decoder.weight) in 'abs' into a word-embedding "
+        "delta. Off by default, as composable-sft's apply(with_abs=False) ignores a language SFT's abs.",
+    ),
+]
 TagOption = Annotated[list[str] | None, typer.Option("--tag", help="Alias to attach; repeat for several.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the registered record as JSON.")]
 
@@ -80,6 +88,7 @@ def _register(
     base: str | None,
     revision: str | None,
     prefix: str | None,
+    decoder_as_embeddings: bool,
     tags: list[str] | None,
     json_output: bool,
 ) -> None:
@@ -88,7 +97,9 @@ def _register(
     st = state(ctx)
     found = detect_format(source)
     with err_console.status(f"importing {found} SFT…", spinner="dots") if not st.quiet else nullcontext():
-        result: ReadResult = import_sft(source, overrides, base=base, revision=revision, prefix=prefix)
+        result: ReadResult = import_sft(
+            source, overrides, base=base, revision=revision, prefix=prefix, decoder_as_embeddings=decoder_as_embeddings
+        )
     meta = result.sft.metadata
     if (meta.language if meta.kind == "language" else meta.task) is None:
         flag = "--lang" if meta.kind == "language" else "--task"
@@ -135,6 +146,7 @@ def import_command(
     base: BaseOption = None,
     revision: RevisionOption = None,
     prefix: PrefixOption = None,
+    decoder_as_embeddings: DecoderOption = False,
     tag: TagOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -144,15 +156,15 @@ def import_command(
     """
     overrides = _overrides(lang, task, labels)
     if source.startswith("hf:"):
-        _pull(ctx, source, overrides, base, revision, prefix, tag, json_output)
+        _pull(ctx, source, overrides, base, revision, prefix, decoder_as_embeddings, tag, json_output)
         return
     path = Path(source)
     if not path.exists():
         raise BadInputError(f"{source} does not exist (Hub repos are written hf:owner/repo)")
-    _register(ctx, path, None, overrides, base, revision, prefix, tag, json_output)
+    _register(ctx, path, None, overrides, base, revision, prefix, decoder_as_embeddings, tag, json_output)
 
 
-def _pull(ctx, spec, overrides, base, revision, prefix, tags, json_output) -> None:
+def _pull(ctx, spec, overrides, base, revision, prefix, decoder_as_embeddings, tags, json_output) -> None:
     from sftkit.hub import download, parse_repo_spec, repo_overrides
 
     repo_id, _ = parse_repo_spec(spec)
@@ -161,7 +173,7 @@ def _pull(ctx, spec, overrides, base, revision, prefix, tags, json_output) -> No
     given = {key: value for key, value in overrides.items() if value is not None}
     wanted = repo_overrides(snapshot, repo_id, given)
     origin = {"repo_id": repo_id, "commit": snapshot.name}
-    _register(ctx, snapshot, origin, wanted, base, revision, prefix, tags, json_output)
+    _register(ctx, snapshot, origin, wanted, base, revision, prefix, decoder_as_embeddings, tags, json_output)
 
 
 def pull_command(
@@ -173,6 +185,7 @@ def pull_command(
     base: BaseOption = None,
     revision: RevisionOption = None,
     prefix: PrefixOption = None,
+    decoder_as_embeddings: DecoderOption = False,
     tag: TagOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -180,7 +193,7 @@ def pull_command(
 
     Offline ([b]HF_HUB_OFFLINE=1[/b]) it is served from the local Hugging Face cache.
     """
-    _pull(ctx, repo, _overrides(lang, task, labels), base, revision, prefix, tag, json_output)
+    _pull(ctx, repo, _overrides(lang, task, labels), base, revision, prefix, decoder_as_embeddings, tag, json_output)
 
 
 def export_command(

@@ -56,6 +56,7 @@ def import_sft(
     base: str | None = None,
     revision: str | None = None,
     prefix: str | None = None,
+    decoder_as_embeddings: bool = False,
 ) -> ReadResult:
     """Read an SFT in either format, with the user's metadata ``overrides`` applied.
 
@@ -63,6 +64,11 @@ def import_sft(
     is recorded (or checked against the SFT's, raising ``BaseMismatchError``) and LT-SFT names are
     mapped with its encoder prefix. Without it, or when it cannot be loaded (offline), its name is
     still recorded, the fingerprint stays unknown and a note says so.
+
+    By default an imported LT-SFT composes as composable-sft's ``apply`` does: a language SFT's ``abs``
+    never reaches a classifier or a bare encoder. ``decoder_as_embeddings`` (LT-SFT with ``base`` only)
+    departs from that on request: a tied MLM decoder in ``abs`` becomes a word-embedding delta, with a
+    note saying so (see ``sftkit.interop.ltsft``).
     """
     overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
     if base is not None:
@@ -72,7 +78,7 @@ def import_sft(
     notes: list[str] = []
     model = _load_base(base, revision, notes) if base is not None else None
     if detect_format(path) == "lt-sft":
-        result = read_ltsft(path, overrides, base=model, prefix=prefix)
+        result = read_ltsft(path, overrides, base=model, prefix=prefix, decoder_as_embeddings=decoder_as_embeddings)
     else:
         sft = SparseFineTuning.load(path)
         merged = {**sft.metadata.to_dict(), **overrides}

@@ -12,16 +12,18 @@ Facts of the format (from its public source, see issue 8):
   ``weights_only=True`` plus exactly the numpy globals that scalar needs. Anything else is refused
   unexecuted.
 
-The tied MLM decoder: with tied embeddings, transformers may list the shared tensor under the head's
-name, and the reference then stores the *trained word embeddings* densely in ``abs`` as
-``lm_head.decoder.weight`` (``cls.predictions.decoder.weight`` for BERT). We treat it as what it is, the
-word embeddings: if the sparse diffs already cover the word embeddings it is a redundant copy and is
-dropped; if the base model is at hand it becomes the sparse delta ``trained − base`` of
-``embeddings.word_embeddings.weight`` (so a composed classifier keeps the language's embedding
-adaptation, which the reference's ``apply(with_abs=False)`` would lose); otherwise it stays a dense head
-tensor under its own name, which reproduces the reference's behaviour (applied with the MLM head only).
-Likewise BERT pooler diffs become dense head tensors (``base + delta``) when the base is at hand, as
-our convention stores poolers with the head.
+The tied MLM decoder: with tied embeddings, transformers 5 lists the shared tensor under the head's name,
+so the reference stores a language SFT's *trained word embeddings* densely in ``abs`` as
+``lm_head.decoder.weight`` (``cls.predictions.decoder.weight`` for BERT). The reference composes a
+language SFT with ``apply(model, with_abs=False)``: its ``abs`` never touches the composed model, whatever
+it holds. An import therefore composes exactly like the reference by default: the tied decoder stays a
+dense MLM-head tensor under its own name (applied only with the MLM head, as ``with_abs=True`` would), or
+is dropped when the sparse diffs already cover the word embeddings (a redundant copy). Only on request
+(``decoder_as_embeddings=True``, ``--decoder-as-embeddings``) and with the base at hand does it become
+the sparse delta ``trained − base`` of ``embeddings.word_embeddings.weight``, which keeps the language's
+embedding adaptation in every composition but departs from the reference (a note says so).
+Independently, BERT pooler diffs become dense head tensors (``base + delta``) when the base is at hand,
+as our convention stores poolers with the head.
 """
 
 from __future__ import annotations
@@ -257,12 +259,15 @@ def read_ltsft(
     overrides: Mapping[str, Any] | None = None,
     base: nn.Module | None = None,
     prefix: str | None = None,
+    decoder_as_embeddings: bool = False,
 ) -> ReadResult:
     """Convert an LT-SFT directory (or its ``pytorch_diff.bin``) to a ``SparseFineTuning``.
 
     ``overrides`` are metadata fields the user gave (kind, language, task, labels, base_model, …); with
-    ``base`` (a loaded model) the encoder prefix is its ``base_model_prefix`` and tied-decoder and
-    pooler tensors are turned into our conventions (see the module docstring).
+    ``base`` (a loaded model) the encoder prefix is its ``base_model_prefix`` and pooler diffs move to
+    the head. A tied decoder in ``abs`` stays a head tensor, so compositions equal the reference's
+    ``apply``, unless ``decoder_as_embeddings`` (with ``base``) asks for a word-embedding delta (see the
+    module docstring).
     """
     file = _file_of(Path(path))
     data = load_pytorch_diff(file)
@@ -282,7 +287,7 @@ def read_ltsft(
     bookkeeping: dict[str, Any] = {"prefix": prefix}
     notes: list[str] = []
     for name in [n for n in full if n in TIED_DECODERS]:
-        notes.extend(_tied_decoder(name, diffs, full, base_params, bookkeeping))
+        notes.extend(_tied_decoder(name, diffs, full, base_params, bookkeeping, decoder_as_embeddings))
     notes.extend(_poolers_to_head(diffs, full, base_params, prefix))
 
     overrides = dict(overrides or {})
@@ -343,7 +348,10 @@ def _tied_decoder(
     full: dict[str, torch.Tensor],
     base_params: Mapping[str, torch.Tensor],
     bookkeeping: dict[str, Any],
+    as_embeddings: bool,
 ) -> Iterator[str]:
+    """Keep (or drop, when redundant) the tied decoder as the reference's ``apply`` treats it; convert it
+    to a word-embedding delta only when asked, since that changes what a composition contains."""
     tensor = full[name]
     if WORD_EMBEDDINGS in diffs:
         if diffs[WORD_EMBEDDINGS].shape == tuple(tensor.shape):
@@ -351,18 +359,26 @@ def _tied_decoder(
             bookkeeping.setdefault("dropped", []).append(name)
             yield f"dropped {name}: a dense copy of the word embeddings, whose sparse diff is already imported"
         return
-    embeddings = base_params.get(WORD_EMBEDDINGS)
-    if embeddings is not None and tuple(embeddings.shape) == tuple(tensor.shape):
-        delta = tensor.float() - embeddings.detach().float()
-        diffs[WORD_EMBEDDINGS] = SparseDelta.from_dense(delta)
-        del full[name]
-        bookkeeping.setdefault("converted", []).append(name)
-        yield f"{name} (the tied word embeddings) converted to a sparse delta of {WORD_EMBEDDINGS} against the base"
-    else:
+    if not as_embeddings:
         yield (
-            f"{name} kept as a dense MLM-head tensor (applied with the MLM head only); "
-            "import with --base to keep the embedding change in compositions"
+            f"{name} (the tied decoder, i.e. trained word embeddings) kept as a dense MLM-head tensor: "
+            "compositions without the MLM head ignore it, as composable-sft's apply(with_abs=False) does "
+            "(--decoder-as-embeddings with --base would add it to the word embeddings instead)"
         )
+        return
+    embeddings = base_params.get(WORD_EMBEDDINGS)
+    if embeddings is None or tuple(embeddings.shape) != tuple(tensor.shape):
+        reason = "needs the base model (--base)" if embeddings is None else "needs a base of the same vocabulary"
+        yield f"{name} kept as a dense MLM-head tensor: converting it to a word-embedding delta {reason}"
+        return
+    diffs[WORD_EMBEDDINGS] = SparseDelta.from_dense(tensor.float() - embeddings.detach().float())
+    del full[name]
+    bookkeeping.setdefault("converted", []).append(name)
+    yield (
+        f"{name} converted to a sparse delta of {WORD_EMBEDDINGS} against the base, as asked "
+        "(--decoder-as-embeddings): compositions of this SFT change the word embeddings, so they differ "
+        "from composable-sft's apply(with_abs=False), which ignores a language SFT's abs"
+    )
 
 
 def _check_shapes(sft: SparseFineTuning, base_params: Mapping[str, torch.Tensor]) -> None:

@@ -16,7 +16,11 @@ from sftkit.errors import BadInputError
 KINDS = ("language", "task")
 METHODS = ("deftx", "lt-sft")
 METRICS = ("loss", "macro_f1", "accuracy")
+# Automatic head warm-up length for a base without an MLM head (batch-size steps at head_warmup_lr).
+HEAD_WARMUP_STEPS = 200
 PAIR_TASKS = ("nli",)
+# Fields that act only after phase 1 (selection and what follows): they do not change θ1.
+SELECTION_FIELDS = ("method", "rank", "keep", "k", "recipe", "extra")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     l1: float = 0.0
     mlm_probability: float = 0.15
+    # Language SFTs (MLM): the decoder untied from the word embeddings and frozen, as the LT-SFT reference's
+    # language recipe (--freeze_decoder) and DEFT-X (Appendix C) train them; False keeps it tied (the
+    # decoder then moves with the embeddings and pushes every vocabulary row).
+    freeze_decoder: bool = True
+    # Steps fitting a freshly initialised MLM head with the encoder frozen before phase 1; None = automatic
+    # (HEAD_WARMUP_STEPS when the base lacks an MLM head, else 0); 0 = off.
+    head_warmup_steps: int | None = None
+    head_warmup_lr: float = 1e-3
     metric: str | None = None
     seed: int = 42
     device: str = "auto"
@@ -107,6 +119,12 @@ class TrainConfig:
             raise BadInputError(f"unknown training option(s): {', '.join(unknown)}")
         return cls(**data)
 
+    def full_phase_digest(self) -> str:
+        """Hash of what decides phase 1 (not the method's selection settings): runs that differ only in
+        method, rank, keep or k share one full phase (``full_phase_cache``)."""
+        data = {key: value for key, value in self.to_dict().items() if key not in SELECTION_FIELDS}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def digest(self) -> str:
         """Stable hash of the whole configuration: names the run directory used by ``--resume``."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -146,6 +164,12 @@ class TrainConfig:
                 raise BadInputError(f"{name} must be positive, not {value}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise BadInputError(f"max_steps must be positive, not {self.max_steps}")
+        if self.head_warmup_steps is not None and self.head_warmup_steps < 0:
+            raise BadInputError(f"head_warmup_steps must not be negative, not {self.head_warmup_steps}")
+        if self.kind == "task" and self.head_warmup_steps:
+            raise BadInputError("head warm-up fits a fresh MLM head: it applies to language SFTs only")
+        if not self.head_warmup_lr > 0:
+            raise BadInputError(f"head_warmup_lr must be positive, not {self.head_warmup_lr}")
         for name in ("weight_decay", "max_grad_norm", "l1", "warmup_ratio", "min_steps"):
             if getattr(self, name) < 0:
                 raise BadInputError(f"{name} must not be negative, not {getattr(self, name)}")

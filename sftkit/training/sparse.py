@@ -51,7 +51,8 @@ class SparseUpdater:
 
     Use: ``loss = out.loss + updater.regularisation(); loss.backward(); optimiser.step()`` over
     ``updater.parameters()``, then ``updater.write_back()``. ``l1`` adds λ·Σ|θ − θ_start| / ``l1_scale``
-    over the trainable entries (LT-SFT normalises its L1 term by the parameter count).
+    over the trainable entries (LT-SFT normalises its L1 term by the parameter count). ``head``: the
+    head parameters to train (default: all of them; the trainer leaves out a frozen MLM decoder).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class SparseUpdater:
         masks: Mapping[str, torch.Tensor],
         l1: float = 0.0,
         l1_scale: int = 1,
+        head: list[tuple[str, nn.Parameter]] | None = None,
     ) -> None:
         self.model = model
         self.l1, self.l1_scale = l1, max(1, l1_scale)
@@ -78,7 +80,7 @@ class SparseUpdater:
             param.requires_grad_(True)
             self._hooks.append(param.register_post_accumulate_grad_hook(self._gatherer(entries)))
             self.entries.append(entries)
-        self.head = unique_head_parameters(model)
+        self.head = unique_head_parameters(model) if head is None else head
         for _, param in self.head:
             param.requires_grad_(True)
         trained = {id(e.param) for e in self.entries}

@@ -28,13 +28,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from sftkit.compose import load_base, quiet_transformers
+from sftkit.compose import load_base_reporting, quiet_transformers
 from sftkit.errors import BadInputError, BaseMismatchError, SftkitError
 from sftkit.fingerprint import base_fingerprint
 from sftkit.params import encoder_of, is_maskable_name, maskable_parameters
 from sftkit.sft import SFTMetadata, SparseFineTuning
 from sftkit.training.checkpoint import RunDirectory
-from sftkit.training.config import TrainConfig
+from sftkit.training.config import HEAD_WARMUP_STEPS, TrainConfig
 from sftkit.training.data import Corpus, LabelledData, load_corpus, load_labelled
 from sftkit.training.distributed import Dist
 from sftkit.training.evaluation import confusion_of, scores
@@ -46,6 +46,9 @@ from sftkit.training.features import (
     tokenize_corpus,
     tokenize_labelled,
 )
+from sftkit.training.full_phase_cache import FullPhaseCache, cache_key
+from sftkit.training.mlm import masked_lm_loss, untie_decoder, warm_up_head
+from sftkit.training.optim import RowSparseAdamW, clip_grad_norm_
 from sftkit.training.sparse import SparseUpdater, unique_head_parameters
 
 PHASES = ("full", "sparse")
@@ -114,6 +117,7 @@ def train(
     resume: bool = False,
     keep_work_dir: bool = False,
     reporter: Reporter | None = None,
+    full_phase_cache: str | Path | None = None,
 ) -> TrainResult:
     """Train one SFT as ``config`` says.
 
@@ -122,11 +126,14 @@ def train(
     ``source``: the source-language SFT a task SFT starts from (θ_start = θ0 + φ_source); its
     ``source_lineage`` ({reference, sha256, language}) goes into the metadata. ``work_dir`` holds
     checkpoints (a temporary directory by default); ``resume`` continues the interrupted run in it.
-    The run directory is removed after success unless ``keep_work_dir``.
+    The run directory is removed after success unless ``keep_work_dir``. ``full_phase_cache``: a
+    directory where phase 1 is looked up and stored, shared by runs that differ only in method, rank,
+    keep or k (``sftkit.training.full_phase_cache``).
     """
     dist = Dist.from_environment()
     try:
         run = _Run(config, dist, reporter if (reporter is not None and dist.is_main) else NullReporter())
+        run.full_cache = FullPhaseCache(full_phase_cache) if full_phase_cache is not None else None
         result = run.execute(train_data, validation_data, source, source_lineage, work_dir, resume, keep_work_dir)
     except BaseException:
         dist.close(synchronise=False)
@@ -151,16 +158,46 @@ def resolve_k(k: int | float | str, maskable_entries: int) -> int:
 
 
 class _DensePhase:
-    """Full fine-tuning of the maskable parameters and the head (DDP across processes)."""
+    """Full fine-tuning of the maskable parameters and the head (DDP across processes).
 
-    def __init__(self, model: nn.Module, dist: Dist, device: torch.device) -> None:
+    Word embeddings train with row gradients (``nn.Embedding(sparse=True)``) and ``RowSparseAdamW``
+    when nothing else reads them densely (no tied decoder), weight decay is 0 and the run is not
+    distributed: rows never seen keep zero moments and an exactly zero AdamW update, so stepping only
+    rows seen so far is exact and saves most of a step on a 250 k vocabulary. The L1 term towards
+    θ_start (LT-SFT's ``full_l1_reg``: the reference regularises both phases) runs over the rows seen
+    so far for the same reason: the others sit at θ_start, where |θ − θ_start| has zero subgradient.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        head: list[tuple[str, nn.Parameter]],
+        dist: Dist,
+        device: torch.device,
+        start_state: Mapping[str, torch.Tensor],
+        l1: float,
+        scale: int,
+        row_sparse_words: bool,
+    ) -> None:
         for param in encoder_of(model).parameters():
             param.requires_grad_(False)
         self.maskable = list(maskable_parameters(model))
-        self.head = unique_head_parameters(model)
+        self.head = head
         for _, param in self.maskable + self.head:
             param.requires_grad_(True)
         self.forward_model: nn.Module = model
+        self.l1, self.scale = l1, max(1, scale)
+        words = model.get_input_embeddings()
+        self.words = words if row_sparse_words and not dist.active and words.weight.requires_grad else None
+        self.seen_rows = torch.zeros(words.weight.shape[0], dtype=torch.bool)
+        if self.words is not None:
+            self.words.sparse = True
+        self.l1_terms: list[tuple[nn.Parameter, torch.Tensor]] = []
+        if l1:
+            for name, param in self.maskable:
+                self.l1_terms.append((param, start_state[f"enc::{name}"].to(param.device)))
+            for name, param in self.head:
+                self.l1_terms.append((param, start_state[f"head::{name}"].to(param.device)))
         if dist.active:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -171,8 +208,31 @@ class _DensePhase:
     def parameters(self) -> list[torch.Tensor]:
         return [param for _, param in self.maskable + self.head]
 
+    def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        if self.words is not None and weight_decay == 0:
+            return RowSparseAdamW(self.parameters(), lr=lr, weight_decay=0.0)
+        if self.words is not None:  # weight decay moves every row: the dense update is the exact one
+            self.words.sparse = False
+            self.words = None
+        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def observe(self, batch: Mapping[str, torch.Tensor]) -> None:
+        self.seen_rows[batch["input_ids"].reshape(-1).cpu()] = True
+
     def regularisation(self) -> torch.Tensor:
-        return torch.zeros(())
+        """λ · Σ|θ − θ_start| / scale over the maskable parameters and the head (zero when λ = 0)."""
+        if not self.l1:
+            return torch.zeros(())
+        words = self.words.weight if self.words is not None else None
+        total = torch.zeros(())
+        for param, start in self.l1_terms:
+            if param is words:
+                rows = self.seen_rows.nonzero().flatten().to(param.device)
+                seen = nn.functional.embedding(rows, param, sparse=True)  # a row gradient, like the lookup's
+                total = total + (seen - start.index_select(0, rows)).abs().sum()
+            else:
+                total = total + (param - start).abs().sum()
+        return total * (self.l1 / self.scale)
 
     def reduce_gradients(self) -> None:
         pass  # DDP averaged them during backward
@@ -194,19 +254,36 @@ class _DensePhase:
 
     def close(self) -> None:
         self.forward_model = None  # drops DDP's gradient hooks before the sparse phase
+        if self.words is not None:
+            self.words.sparse = False
+        self.l1_terms.clear()
         gc.collect()
 
 
 class _SparsePhase:
     """Only the masked entries and the head train; gradients (∝ k) are averaged across processes."""
 
-    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor], dist: Dist, l1: float, scale: int):
-        self.updater = SparseUpdater(model, masks, l1=l1, l1_scale=scale)
+    def __init__(
+        self,
+        model: nn.Module,
+        head: list[tuple[str, nn.Parameter]],
+        masks: Mapping[str, torch.Tensor],
+        dist: Dist,
+        l1: float,
+        scale: int,
+    ):
+        self.updater = SparseUpdater(model, masks, l1=l1, l1_scale=scale, head=head)
         self.forward_model = model
         self.dist = dist
 
     def parameters(self) -> list[torch.Tensor]:
         return self.updater.parameters()
+
+    def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def observe(self, batch: Mapping[str, torch.Tensor]) -> None:
+        pass
 
     def regularisation(self) -> torch.Tensor:
         return self.updater.regularisation()
@@ -234,6 +311,7 @@ class _Run:
         self.reporter = reporter
         self.device = dist.device(config.device)
         self.language_mode = config.kind == "language"
+        self.full_cache: FullPhaseCache | None = None
 
     # ------------------------------------------------------------------ setup
     def _load_tokenizer(self) -> Any:
@@ -297,13 +375,21 @@ class _Run:
             raise BadInputError("the data is too small to form training and validation batches")
 
     def _load_model(self, source: SparseFineTuning | None) -> None:
-        torch.manual_seed(self.config.seed)  # the classifier head's initialisation
+        cfg = self.config
+        torch.manual_seed(cfg.seed)  # the classifier head's initialisation
         with quiet_transformers():
-            model = load_base(
-                self.config.base_model, HEAD_TYPES[self.config.kind], self.labels, self.config.base_revision
-            )
+            model, missing = load_base_reporting(cfg.base_model, HEAD_TYPES[cfg.kind], self.labels, cfg.base_revision)
         self.model = model.to(self.device)
         self.base_fingerprint = base_fingerprint(self.model)
+        prefix = f"{self.model.base_model_prefix}."
+        # Head weights the checkpoint lacked: a sentence encoder (mE5, MiniLM) loaded with a fresh MLM head.
+        self.fresh_head = [name for name in missing if not name.startswith(prefix)]
+        frozen = untie_decoder(self.model, freeze=True) if self.language_mode and cfg.freeze_decoder else None
+        self.head = [(name, p) for name, p in unique_head_parameters(self.model) if p is not frozen]
+        if self.language_mode and cfg.head_warmup_steps is None:
+            self.head_warmup_steps = HEAD_WARMUP_STEPS if self.fresh_head else 0
+        else:
+            self.head_warmup_steps = cfg.head_warmup_steps or 0
         if source is not None:
             if self.language_mode:
                 raise BadInputError("a source-language SFT only applies to task SFTs")
@@ -318,10 +404,34 @@ class _Run:
             source.apply(self.model, with_head=False)
         self.maskable_entries = sum(param.numel() for _, param in maskable_parameters(self.model))
         self.k = resolve_k(self.config.k, self.maskable_entries)
+
+    def _capture_start(self) -> None:
+        """θ_start of the encoder and the head as it enters phase 1 (after any warm-up)."""
         self.start_state = {
             **{f"enc::{name}": p.detach().cpu().clone() for name, p in maskable_parameters(self.model)},
-            **{f"head::{name}": p.detach().cpu().clone() for name, p in unique_head_parameters(self.model)},
+            **{f"head::{name}": p.detach().cpu().clone() for name, p in self.head},
         }
+
+    def _warm_up_head(self) -> None:
+        """Fit a fresh MLM head with the encoder frozen, so phase 1's δ holds no head-fitting noise."""
+        steps = self.head_warmup_steps
+        self.head_warmup: dict[str, Any] = {"steps": steps, "fresh_head_weights": self.fresh_head}
+        if not steps:
+            return
+        cfg = self.config
+        self.reporter.note(f"fitting the fresh MLM head for {steps} steps with the encoder frozen")
+        self.reporter.phase_started("head warm-up", steps, 0)
+
+        whole = BatchOrder(len(self.train_items), cfg.batch_size, cfg.seed)  # every process: the same batches
+
+        def batch_at(step: int) -> dict[str, torch.Tensor]:
+            torch.manual_seed(_step_seed(cfg.seed, 2, 0, step))
+            batch = self.collate([self.train_items[i] for i in whole.indices(step)])
+            return {key: value.to(self.device) for key, value in batch.items()}
+
+        losses = warm_up_head(self.model, self.head, batch_at, steps, cfg.head_warmup_lr, self.reporter.step)
+        self.head_warmup.update({"lr": cfg.head_warmup_lr, "first_loss": losses[0], "last_loss": losses[-1]})
+        self.reporter.phase_finished("head warm-up", {"steps": steps, "loss": losses[-1]})
 
     # ------------------------------------------------------------------ the run
     def execute(
@@ -342,8 +452,10 @@ class _Run:
         self.lineage = lineage if source is not None else None
         self._load_model(source)
         self.collate = make_collator(cfg.kind, self.tokenizer, cfg.mlm_probability)
+        # Task validation sorted by length (less padding; the metrics ignore order); MLM blocks are equal.
+        held = self.validation_items if self.language_mode else sorted(self.validation_items, key=_length)
         self.validation_batches = fixed_batches(
-            self.validation_items,
+            held,
             make_collator(cfg.kind, self.tokenizer, cfg.mlm_probability, seed=cfg.seed),
             cfg.eval_batch_size,
         )
@@ -372,15 +484,39 @@ class _Run:
         summaries = {}
         selection = self.run_dir.load_selection() if resuming else None
         if selection is None:
-            dense = _DensePhase(self.model, self.dist, self.device)
-            summaries["full"] = self._train_phase(0, dense, resuming)
-            dense.close()
-            masks, selection_info = self._select(summaries["full"])
+            cache_entry = self._cached_full_phase()
+            if cache_entry is None:
+                self._warm_up_head()
+                self._capture_start()
+                dense = _DensePhase(
+                    self.model,
+                    self.head,
+                    self.dist,
+                    self.device,
+                    self.start_state,
+                    cfg.l1,
+                    self.maskable_entries,
+                    row_sparse_words=cfg.freeze_decoder or not self.language_mode,
+                )
+                summaries["full"] = self._train_phase(0, dense, resuming)
+                dense.close()
+                deltas = self._full_deltas()
+                self._store_full_phase(deltas, summaries["full"])
+            else:
+                deltas, head_start, summaries["full"] = cache_entry
+                self.reporter.note("phase 1 taken from the full-phase cache")
+                self._load_head(head_start)
+                self._capture_start()
+            masks, selection_info = self._select(summaries["full"], deltas)
+            del deltas
         else:
             masks, selection_info = selection
             summaries["full"] = self.run_dir.done("full") or {}
+            self.head_warmup = self.run_dir.done("head-warm-up") or {}
+            self._load_head(self.run_dir.load_best("start"))
+            self._capture_start()
         self._reset_to_start()
-        sparse = _SparsePhase(self.model, masks, self.dist, cfg.l1, self.maskable_entries)
+        sparse = _SparsePhase(self.model, self.head, masks, self.dist, cfg.l1, self.maskable_entries)
         del masks  # the updater keeps the selected indices only: memory ∝ k
         summaries["sparse"] = self._train_phase(1, sparse, resuming)
         sft = self._build_sft(sparse, summaries, selection_info)
@@ -392,17 +528,51 @@ class _Run:
             self.run_dir.remove()
         return TrainResult(sft, self.model, self.tokenizer, sft.metadata.metrics)
 
-    def _select(self, full_summary: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    # ------------------------------------------------------------------ phase 1 shared between methods
+    def _full_phase_key(self) -> str:
+        return cache_key(self.config.full_phase_digest(), self.data_record, self.lineage, self.base_fingerprint)
+
+    def _cached_full_phase(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]] | None:
+        if self.full_cache is None:
+            return None
+        entry = self.full_cache.load(self._full_phase_key())
+        if entry is None:
+            return None
+        deltas, head_start, summary = entry
+        self.head_warmup = summary.pop("head_warmup", {})
+        return deltas, head_start, summary
+
+    def _full_deltas(self) -> dict[str, torch.Tensor]:
+        """δ = θ1 − θ_start of every maskable parameter (float32, on the CPU)."""
+        return {
+            name: param.detach().float().cpu() - self.start_state[f"enc::{name}"].float()
+            for name, param in maskable_parameters(self.model)
+        }
+
+    def _store_full_phase(self, deltas: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
+        head_start = {name: self.start_state[f"head::{name}"] for name, _ in self.head}
+        if self.dist.is_main:
+            self.run_dir.save_best("start", head_start)
+            self.run_dir.mark_done("head-warm-up", self.head_warmup)
+            if self.full_cache is not None:
+                self.full_cache.save(
+                    self._full_phase_key(), deltas, head_start, {**summary, "head_warmup": self.head_warmup}
+                )
+
+    @torch.no_grad()
+    def _load_head(self, state: Mapping[str, torch.Tensor]) -> None:
+        for name, param in self.head:
+            param.copy_(state[name].to(param.device))
+
+    def _select(
+        self, full_summary: dict[str, Any], deltas: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """δ = θ1 − θ_start → (DEFT-X denoising) → global top-k mask; computed once, shared by file."""
         from sftkit import deftx
 
         cfg = self.config
         if self.dist.is_main:
             rank = deftx.parse_rank(cfg.rank)
-            deltas = {
-                name: param.detach().float().cpu() - self.start_state[f"enc::{name}"].float()
-                for name, param in maskable_parameters(self.model)
-            }
             self.reporter.note(f"selecting {self.k:,} of {self.maskable_entries:,} entries (rank {cfg.rank})")
             report: list[dict[str, Any]] = []
             if rank is not None:
@@ -421,7 +591,7 @@ class _Run:
         """θ_start for the encoder and the head as initialised: the sparse phase starts where the full one did."""
         for name, param in maskable_parameters(self.model):
             param.copy_(self.start_state[f"enc::{name}"])
-        for name, param in unique_head_parameters(self.model):
+        for name, param in self.head:
             param.copy_(self.start_state[f"head::{name}"])
         del self.start_state  # the sparse phase keeps θ_start only at the k selected entries
         gc.collect()
@@ -434,7 +604,7 @@ class _Run:
         if resuming and (done := self.run_dir.done(name)) is not None and index == 1:
             phase.load_state(self.run_dir.load_best(name))
             return done
-        optimizer = torch.optim.AdamW(phase.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = phase.optimizer(cfg.lr, cfg.weight_decay)
         warmup = int(cfg.warmup_ratio * self.total_steps)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
         metric = cfg.best_metric
@@ -452,12 +622,14 @@ class _Run:
             torch.manual_seed(_step_seed(cfg.seed, index, self.dist.rank, step))
             batch = self.collate([self.train_items[i] for i in self.order.indices(step)])
             batch = {key: value.to(self.device) for key, value in batch.items()}
-            loss = model(**batch).loss
+            phase.observe(batch)
+            # MLM: logits at the masked positions only (sftkit.training.mlm); DDP needs its own forward.
+            loss = masked_lm_loss(model, batch) if self.language_mode and model is self.model else model(**batch).loss
             total = loss + phase.regularisation().to(loss.device)
             total.backward()
             phase.reduce_gradients()
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(phase.parameters(), cfg.max_grad_norm)
+                clip_grad_norm_(phase.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -495,12 +667,9 @@ class _Run:
                 totals = torch.zeros(2, dtype=torch.float64)
                 for batch in mine:
                     batch = {key: value.to(self.device) for key, value in batch.items()}
-                    logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                    labels = batch["labels"]
-                    loss = nn.functional.cross_entropy(
-                        logits.view(-1, logits.size(-1)).float(), labels.view(-1), ignore_index=-100, reduction="sum"
-                    )
-                    totals += torch.tensor([float(loss), float((labels != -100).sum())], dtype=torch.float64)
+                    loss = masked_lm_loss(self.model, batch, reduction="sum")
+                    masked = float((batch["labels"] != -100).sum())
+                    totals += torch.tensor([float(loss), masked], dtype=torch.float64)
                 self.dist.sum_(totals)
                 return {"loss": float(totals[0] / totals[1]) if totals[1] else float("nan")}
             assert self.labels is not None
@@ -518,7 +687,12 @@ class _Run:
 
         cfg = self.config
         diffs = sparse.updater.deltas()
-        full = {name: param.detach().float().cpu().clone() for name, param in head_parameters(self.model)}
+        trained = {id(param) for _, param in self.head}  # not a frozen decoder: it is θ0's word embeddings
+        full = {
+            name: param.detach().float().cpu().clone()
+            for name, param in head_parameters(self.model)
+            if id(param) in trained
+        }
         trainer = cfg.to_dict()
         trainer.update(
             {
@@ -529,6 +703,8 @@ class _Run:
                 "device": self.device.type,
             }
         )
+        if self.language_mode:
+            trainer["head_warmup"] = self.head_warmup
         metadata = SFTMetadata(
             kind=cfg.kind,
             language=cfg.language,
@@ -567,6 +743,10 @@ class _Run:
         digests = self.dist.gather(digest.hexdigest())
         if len(set(digests)) != 1:
             raise SftkitError(f"the {self.dist.world} processes ended with different SFTs: {digests}")
+
+
+def _length(item: Mapping[str, Any]) -> int:
+    return len(item["input_ids"])
 
 
 def _better(metric: str, value: float, best: float | None) -> bool:
