@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if str(HERE) not in sys.path:  # last, so that an importer's `registry` package is not shadowed by registry.py
+    sys.path.append(str(HERE))
 
 import nusax_data  # noqa: E402  (a sibling script, importable once its folder is on the path)
 

@@ -8,6 +8,14 @@ alone, on XLM-R base shape (278 M parameters, random weights), CPU, a few steps 
                     parameters, dense boolean masks, dense gradients multiplied by the mask, dense AdamW;
 - ``sparse``        ours (``sftkit.training.sparse.SparseUpdater``) exactly as the trainer runs it.
 
+In language mode, three more cases show what the language-SFT full phase costs before and after issue 12
+(decoder untied and frozen in all three, as the LT-SFT recipe trains it):
+
+- ``mlm-all-logits``     the vocabulary projection of every position (``model(**batch).loss``), dense AdamW;
+- ``mlm-masked-logits``  logits at the masked positions only (``sftkit.training.mlm``), dense AdamW;
+- ``mlm-row-sparse``     masked-only logits + row gradients of the word embeddings + ``RowSparseAdamW``
+                         (``sftkit.training.optim``): exactly the trainer's full phase.
+
 Both sparse variants train the same k random entries (spread over every maskable parameter, so every
 weight still needs its gradient: the conservative case for us). Targets (issue 4): sparse-phase peak
 RSS ≤ 0.6 × dense-masked, step time ≤ 1.1 × a full fine-tuning step.
@@ -34,10 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import Row, print_rows
 from shapes import xlmr_base_config
 
+from sftkit.compose import untie_decoder
 from sftkit.params import maskable_parameters
+from sftkit.training.mlm import masked_lm_loss
+from sftkit.training.optim import RowSparseAdamW, clip_grad_norm_
 from sftkit.training.sparse import SparseUpdater, unique_head_parameters
 
 CASES = ("full", "dense-masked", "sparse")
+MLM_CASES = ("mlm-all-logits", "mlm-masked-logits", "mlm-row-sparse")
 PAPER_K = {"language": 7_600_000, "task": 14_200_000}
 
 
@@ -79,7 +91,10 @@ def _random_masks(model, k: int) -> dict[str, torch.Tensor]:
 def _trainable(model) -> list[torch.Tensor]:
     for param in model.parameters():
         param.requires_grad_(False)
-    params = [p for _, p in maskable_parameters(model)] + [p for _, p in unique_head_parameters(model)]
+    decoder = model.get_output_embeddings()
+    frozen = decoder.weight if decoder is not None and not decoder.weight.requires_grad else None
+    head = [p for _, p in unique_head_parameters(model) if p is not frozen]
+    params = [p for _, p in maskable_parameters(model)] + head
     for param in params:
         param.requires_grad_(True)
     return params
@@ -90,7 +105,21 @@ def run_case(case: str, mode: str, quick: bool, k: int, steps: int, batch: int, 
     model = _model(mode, quick)
     model.train()
     batches = _batches(model, mode, steps, batch, length)
-    if case == "full":
+    if case in MLM_CASES:
+        untie_decoder(model, freeze=True)
+        params = _trainable(model)
+        row_sparse = case == "mlm-row-sparse"
+        model.get_input_embeddings().sparse = row_sparse
+        optimizer = (RowSparseAdamW if row_sparse else torch.optim.AdamW)(params, lr=5e-5, weight_decay=0.0)
+
+        def step(item):
+            loss = model(**item).loss if case == "mlm-all-logits" else masked_lm_loss(model, item)
+            loss.backward()
+            clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    elif case == "full":
         params = _trainable(model)
         optimizer = torch.optim.AdamW(params, lr=5e-5)
 
@@ -124,7 +153,8 @@ def run_case(case: str, mode: str, quick: bool, k: int, steps: int, batch: int, 
         optimizer = torch.optim.AdamW(params, lr=5e-5)
 
         def step(item):
-            (model(**item).loss + updater.regularisation()).backward()
+            loss = masked_lm_loss(model, item) if mode == "language" else model(**item).loss  # as the trainer
+            (loss + updater.regularisation()).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -162,14 +192,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=CASES + MLM_CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.k is None:
         args.k = PAPER_K[args.mode] // (50 if args.quick else 1)
     if args.case:
         print(json.dumps(run_case(args.case, args.mode, args.quick, args.k, args.steps, args.batch, args.length)))
         return
-    results = {case: _in_subprocess(case, args) for case in CASES}
+    cases = CASES + (MLM_CASES if args.mode == "language" else ())
+    results = {case: _in_subprocess(case, args) for case in cases}
     ours, dense, full = results["sparse"], results["dense-masked"], results["full"]
     gib = 2**30
     memory_ratio = ours["peak_rss_bytes"] / dense["peak_rss_bytes"]
@@ -210,6 +241,42 @@ def main() -> None:
             "info",
         ),
     ]
+    if args.mode == "language":
+        before, masked, after = (results[case] for case in MLM_CASES)
+        rows += [
+            Row(
+                "MLM full-phase step, masked-only logits (s)",
+                masked["step_seconds"],
+                before["step_seconds"],
+                "all-position logits",
+                masked["step_seconds"] / before["step_seconds"],
+                "info",
+            ),
+            Row(
+                "MLM full-phase peak RSS, masked-only logits (GiB)",
+                masked["peak_rss_bytes"] / gib,
+                before["peak_rss_bytes"] / gib,
+                "all-position logits",
+                masked["peak_rss_bytes"] / before["peak_rss_bytes"],
+                "info",
+            ),
+            Row(
+                "MLM full-phase step, + row-sparse AdamW (s)",
+                after["step_seconds"],
+                before["step_seconds"],
+                "all-position logits, dense AdamW",
+                after["step_seconds"] / before["step_seconds"],
+                "info",
+            ),
+            Row(
+                "MLM full-phase peak RSS, + row-sparse AdamW (GiB)",
+                after["peak_rss_bytes"] / gib,
+                before["peak_rss_bytes"] / gib,
+                "all-position logits, dense AdamW",
+                after["peak_rss_bytes"] / before["peak_rss_bytes"],
+                "info",
+            ),
+        ]
     # The small shape only checks that the cases run: its peaks are mostly the interpreter and libraries.
     shape = "small shape (--quick, no verdict)" if args.quick else "XLM-R base shape"
     title = f"train_memory: {args.mode}, {shape}, k = {args.k:,}, batch {args.batch} × {args.length} tokens, CPU"

@@ -122,6 +122,32 @@ def load_base_reporting(
     return model, sorted(info.get("missing_keys", ()))
 
 
+def untie_decoder(model: Any, freeze: bool) -> Any:
+    """Give the MLM decoder its own copy of the word embeddings (frozen when ``freeze``); returns it.
+
+    Language SFTs train with this decoder (the LT-SFT reference's ``--freeze_decoder``), so a masked-LM
+    composition of one rebuilds it: θ0's embeddings in the decoder, θ0 + φ_L in the encoder. Returns None
+    when the model has no output embedding; an already untied decoder keeps its values.
+    """
+    import torch
+
+    output = model.get_output_embeddings()
+    if output is None:
+        return None
+    words = model.get_input_embeddings().weight
+    if output.weight is words:
+        output.weight = torch.nn.Parameter(words.detach().clone(), requires_grad=not freeze)
+    elif freeze:
+        output.weight.requires_grad_(False)
+    model.config.tie_word_embeddings = False  # keeps a later tie_weights() (or a reload) from re-tying it
+    return output.weight
+
+
+def trained_with_frozen_decoder(sft: SparseFineTuning) -> bool:
+    """A language SFT trained with the untied, frozen decoder (every one since the option exists)."""
+    return sft.metadata.kind == "language" and bool((sft.metadata.trainer or {}).get("freeze_decoder"))
+
+
 @dataclass(frozen=True)
 class Plan:
     """What goes into a composition, validated before any weight is read."""
@@ -199,6 +225,8 @@ def compose(
     fingerprint = base_fingerprint(model)
     composition.check_fingerprint(fingerprint)
     composition.check_head([name for name, _ in head_parameters(model)])
+    if head == "masked-lm" and composition.head_part and trained_with_frozen_decoder(composition.head_part.sft):
+        untie_decoder(model, freeze=False)  # the decoder stays θ0's, as in training, while φ moves the embeddings
     for part in composition.parts:
         part.sft.apply(model, scale=part.weight, with_head=part is composition.head_part)
     model.sftkit_parts = composition.records()  # read by export()

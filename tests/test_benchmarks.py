@@ -63,26 +63,45 @@ def test_run_all_reports_a_crashed_benchmark(tmp_path, monkeypatch):
 
 
 def test_nusax_mini_table_is_mean_and_std_over_seeds(tmp_path):
-    """The miniature's summary (its full run is too long for CI): per-language mean ± std, average over targets."""
+    """The miniature's summary (its full run is too long for CI): per-language mean ± std, average over targets,
+    rows without scores left out, the paper's rows beside ours only for the five real targets."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import nusax_mini
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    budget = nusax_mini.QUICK  # one target (ace) plus the source language
+    budget = nusax_mini.QUICK  # one target (ace)
     state = nusax_mini.State(tmp_path / "state.json")
-    for seed, (ace, ind) in enumerate([(0.50, 0.70), (0.60, 0.80)]):
-        for row in nusax_mini.ROWS:
+    core = nusax_mini.rows(extras=False)
+    for seed, ace in enumerate([0.50, 0.60]):
+        for row in core:
             state.set_score(row, seed, "ace", {"macro_f1": ace, "accuracy": 0.0, "n": 100})
-            state.set_score(row, seed, "ind", {"macro_f1": ind, "accuracy": 0.0, "n": 100})
     resumed = nusax_mini.State(tmp_path / "state.json")  # what a rerun reads back
-    table = nusax_mini.summarise(resumed, budget, [0, 1])
-    mean, std = table[nusax_mini.FULL_FT]["ace"]
+    table = nusax_mini.summarise(resumed, budget, [0, 1], extras=True)
+    assert list(table) == core  # the extra rows have no scores yet: left out, not shown as zeros
+    mean, std = table[core[0]]["ace"]
     assert mean == pytest.approx(55.0) and std == pytest.approx(7.0710678)
-    assert table[nusax_mini.FULL_FT]["avg"] == table[nusax_mini.FULL_FT]["ace"]
-    assert table[nusax_mini.FULL_FT]["ind"][0] == pytest.approx(75.0)
+    assert table[core[0]]["avg"] == table[core[0]]["ace"]
     lines = nusax_mini.markdown(table, budget, [0, 1]).splitlines()
-    assert lines[0] == "| row | ace | avg | ind (source) |"
-    assert lines[2] == f"| {nusax_mini.FULL_FT} | 55.0 ± 7.1 | 55.0 ± 7.1 | 75.0 ± 7.1 |"
-    assert len(lines) == 2 + len(nusax_mini.ROWS)
-    assert nusax_mini.QUICK.digest() != nusax_mini.FULL.digest()
+    assert lines[0] == "| row | ace | avg |"
+    assert lines[2] == f"| {core[0]} | 55.0 ± 7.1 | 55.0 ± 7.1 |"
+    assert len(lines) == 2 + len(core)  # no paper rows for a one-language table
+    full = nusax_mini.markdown(
+        {row: {lang: (50.0, 1.0) for lang in (*nusax_mini.TARGETS, "avg")} for row in core}, nusax_mini.CORE, [0, 1]
+    ).splitlines()
+    assert len(full) == 2 + len(core) + len(nusax_mini.PAPER_ROWS)
+    assert nusax_mini.QUICK.digest() != nusax_mini.CORE.digest()
+
+
+def test_nusax_mini_refuses_a_base_that_is_not_xlmr(tmp_path, tiny_base):
+    """--base DIR must hold an XLM-R-family encoder: anything else is one clear line and exit code 2."""
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text('{"model_type": "bert"}')
+    script = str(ROOT / "benchmarks" / "nusax_mini.py")
+    for base, says in ((bert, "not an XLM-R-family encoder"), (tmp_path / "nothing", "neither me5-small")):
+        done = subprocess.run([sys.executable, script, "--base", str(base)], capture_output=True, text=True)
+        if "the data is not at" in done.stderr:
+            pytest.skip("NusaX is not available")
+        assert done.returncode == 2, done.stderr
+        assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -46,7 +46,7 @@ class _RichReporter:
         self.bar, self.metric, self.task = bar, metric, None
 
     def phase_started(self, phase: str, total_steps: int, done_steps: int) -> None:
-        description = f"{phase} fine-tuning" if phase == "full" else "sparse phase"
+        description = {"full": "full fine-tuning", "sparse": "sparse phase"}.get(phase, phase)
         self.task = self.bar.add_task(description, total=total_steps, completed=done_steps, loss="–", score="–")
 
     def step(self, step: int, loss: float) -> None:
@@ -56,6 +56,10 @@ class _RichReporter:
         self.bar.update(self.task, score=f"val {self.metric} {metrics[self.metric]:.4f}")
 
     def phase_finished(self, phase: str, summary: dict[str, Any]) -> None:
+        if phase not in ("full", "sparse"):  # the head warm-up: no validation, a loss trend
+            message = f"{phase}: {summary['steps']} steps, MLM loss {summary['first_loss']:.4f} → {summary['loss']:.4f}"
+            self.bar.console.print(message, highlight=False)
+            return
         best, step = summary.get(self.metric), f"{summary['best_step']}/{summary['steps']}"
         message = f"{phase} phase: best validation {self.metric} {best:.4f} at step {step}"
         self.bar.console.print(message, highlight=False)
@@ -146,8 +150,35 @@ def train_command(
     ] = None,
     l1: Annotated[
         float | None,
-        typer.Option("--l1", help="L1 weight λ towards θ_start in the sparse phase.", rich_help_panel=_METHOD),
+        typer.Option("--l1", help="L1 weight λ towards θ_start (both phases, as LT-SFT).", rich_help_panel=_METHOD),
     ] = None,
+    freeze_decoder: Annotated[
+        bool | None,
+        typer.Option(
+            "--freeze-decoder/--no-freeze-decoder",
+            help="Language SFTs: untie the MLM decoder from the word embeddings and freeze it, as the LT-SFT "
+            "reference does (default); --no-freeze-decoder keeps it tied, so every vocabulary row moves.",
+            rich_help_panel=_METHOD,
+        ),
+    ] = None,
+    head_warmup_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--head-warmup-steps",
+            help="Language SFTs: fit a freshly initialised MLM head (mE5, MiniLM…) for N steps with the encoder "
+            "frozen before phase 1 (default: 200 when the base has no MLM head, else 0; 0 = off).",
+            rich_help_panel=_METHOD,
+        ),
+    ] = None,
+    reuse_full_phase: Annotated[
+        bool,
+        typer.Option(
+            "--reuse-full-phase",
+            help="Keep phase 1 under $SFTKIT_HOME/full-phase and reuse it for runs that differ only in method, "
+            "rank, keep or k (same data, seed and schedule): comparing methods costs one full phase.",
+            rich_help_panel=_METHOD,
+        ),
+    ] = False,
     corpus: Annotated[
         str | None,
         typer.Option(
@@ -260,6 +291,8 @@ those (memory ∝ k). The result is registered and its reference printed.
         keep=keep,
         k=k,
         l1=l1,
+        freeze_decoder=freeze_decoder,
+        head_warmup_steps=head_warmup_steps,
         train=data,
         validation=validation,
         label_column=label_column,
@@ -295,6 +328,7 @@ those (memory ∝ k). The result is registered and its reference printed.
                 work_dir=work_dir,
                 resume=resume,
                 reporter=reporter,
+                full_phase_cache=_home(ctx) / "full-phase" if reuse_full_phase else None,
             )
     except KeyboardInterrupt:
         if main_process:
@@ -309,7 +343,7 @@ those (memory ∝ k). The result is registered and its reference printed.
         err_console.print(
             f"trained {kind} SFT {name!r}: {sft.num_entries:,} entries "
             f"({sft.metadata.density:.2%} of {sft.metadata.maskable_entries:,}), method {config.method}, "
-            f"rank {config.rank}" + (f" → saved to {output}" if output else ""),
+            f"rank {config.rank}" + _language_summary(sft) + (f" → saved to {output}" if output else ""),
             highlight=False,
         )
     if no_register:
@@ -317,6 +351,16 @@ those (memory ∝ k). The result is registered and its reference printed.
         return
     record = st.registry().add(sft, tags=tuple(tag or ()), source=source_record)
     console.print(record.reference)
+
+
+def _language_summary(sft: Any) -> str:
+    """How a language SFT's MLM head was handled: the decoder and the head warm-up."""
+    if sft.metadata.kind != "language":
+        return ""
+    trainer = sft.metadata.trainer or {}
+    decoder = "frozen untied decoder" if trainer.get("freeze_decoder") else "tied decoder"
+    steps = (trainer.get("head_warmup") or {}).get("steps") or 0
+    return f", {decoder}, head warm-up {steps} steps" if steps else f", {decoder}"
 
 
 def eval_command(

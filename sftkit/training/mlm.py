@@ -37,25 +37,6 @@ def mlm_head_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
-@torch.no_grad()
-def untie_decoder(model: nn.Module, freeze: bool) -> nn.Parameter | None:
-    """Give the MLM decoder its own copy of the word embeddings (frozen when ``freeze``); returns it.
-
-    Returns None when the model has no output embedding. A decoder that is already untied keeps its
-    values and is only frozen (when asked).
-    """
-    output = model.get_output_embeddings()
-    if output is None:
-        return None
-    words = model.get_input_embeddings().weight
-    if output.weight is words:
-        output.weight = nn.Parameter(words.detach().clone(), requires_grad=not freeze)
-    elif freeze:
-        output.weight.requires_grad_(False)
-    model.config.tie_word_embeddings = False  # keeps a later tie_weights() from re-tying it
-    return output.weight
-
-
 def masked_lm_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits at the masked positions, their labels): the encoder runs on every position, the head on masked ones.
 
@@ -112,7 +93,7 @@ def warm_up_head(
         optimizer.step()
         scheduler.step()
         model.zero_grad(set_to_none=True)  # also a tied decoder's gradient, which nothing steps
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step + 1, losses[-1])
     return losses

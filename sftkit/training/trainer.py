@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from sftkit.compose import load_base_reporting, quiet_transformers
+from sftkit.compose import load_base_reporting, quiet_transformers, untie_decoder
 from sftkit.errors import BadInputError, BaseMismatchError, SftkitError
 from sftkit.fingerprint import base_fingerprint
 from sftkit.params import encoder_of, is_maskable_name, maskable_parameters
@@ -47,7 +47,7 @@ from sftkit.training.features import (
     tokenize_labelled,
 )
 from sftkit.training.full_phase_cache import FullPhaseCache, cache_key
-from sftkit.training.mlm import masked_lm_loss, untie_decoder, warm_up_head
+from sftkit.training.mlm import masked_lm_loss, warm_up_head
 from sftkit.training.optim import RowSparseAdamW, clip_grad_norm_
 from sftkit.training.sparse import SparseUpdater, unique_head_parameters
 
@@ -431,7 +431,7 @@ class _Run:
 
         losses = warm_up_head(self.model, self.head, batch_at, steps, cfg.head_warmup_lr, self.reporter.step)
         self.head_warmup.update({"lr": cfg.head_warmup_lr, "first_loss": losses[0], "last_loss": losses[-1]})
-        self.reporter.phase_finished("head warm-up", {"steps": steps, "loss": losses[-1]})
+        self.reporter.phase_finished("head warm-up", {"steps": steps, "first_loss": losses[0], "loss": losses[-1]})
 
     # ------------------------------------------------------------------ the run
     def execute(
