@@ -176,6 +176,19 @@ def test_full_phase_cache_is_shared_by_methods_and_changes_nothing(tiny_base, ac
     assert len(list(cache.iterdir())) == 2  # a different phase 1 is a different entry
 
 
+def test_task_sfts_on_different_source_sfts_never_share_a_full_phase(language_runs, tiny_base, toy_languages, tmp_path):
+    """θ_start = θ0 + φ_source: the key follows the source SFT's content, not its language (a bug caught by the
+    miniature, where LT-SFT's and DEFT-X's φ_ind, both 'ind', shared one entry)."""
+    cache = tmp_path / "full-phase"
+    rows = toy.labelled(toy_languages["src"], 120)
+    config = make_config(task="sa", base_model=str(tiny_base), recipe="quick", **STEPS)
+    for source in (language_runs[True].sft, language_runs[False].sft):  # both are language "ace"
+        train(config, train_data=rows, source=source, full_phase_cache=cache)
+    assert len(list(cache.iterdir())) == 2
+    train(config.with_changes(method="lt-sft", rank="none"), train_data=rows, source=source, full_phase_cache=cache)
+    assert len(list(cache.iterdir())) == 2  # same source, other method: shared
+
+
 def test_bad_mlm_options_are_one_clear_error():
     with pytest.raises(BadInputError, match="language SFTs only"):
         make_config(task="sa", recipe="quick", head_warmup_steps=5)

@@ -46,7 +46,7 @@ from sftkit.training.features import (
     tokenize_corpus,
     tokenize_labelled,
 )
-from sftkit.training.full_phase_cache import FullPhaseCache, cache_key
+from sftkit.training.full_phase_cache import FullPhaseCache, cache_key, sft_content_digest
 from sftkit.training.mlm import masked_lm_loss, warm_up_head
 from sftkit.training.optim import RowSparseAdamW, clip_grad_norm_
 from sftkit.training.sparse import SparseUpdater, unique_head_parameters
@@ -402,6 +402,7 @@ class _Run:
                     f"{source.metadata.base_model!r}, not on {self.config.base_model!r}"
                 )
             source.apply(self.model, with_head=False)
+        self.source_digest = sft_content_digest(source) if source is not None else None
         self.maskable_entries = sum(param.numel() for _, param in maskable_parameters(self.model))
         self.k = resolve_k(self.config.k, self.maskable_entries)
 
@@ -530,7 +531,7 @@ class _Run:
 
     # ------------------------------------------------------------------ phase 1 shared between methods
     def _full_phase_key(self) -> str:
-        return cache_key(self.config.full_phase_digest(), self.data_record, self.lineage, self.base_fingerprint)
+        return cache_key(self.config.full_phase_digest(), self.data_record, self.source_digest, self.base_fingerprint)
 
     def _cached_full_phase(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]] | None:
         if self.full_cache is None:
