@@ -207,3 +207,34 @@ def test_cli_flags_reach_the_sft_config(cli, tiny_base, ace_texts, tmp_path):
     assert "tied decoder, head warm-up 3 steps" in result.output
     bad = cli("train", "--task", "sa", "--train", corpus, "--base", tiny_base, "--head-warmup-steps", 3)
     assert bad.exit_code == 2 and "language SFTs only" in bad.output
+
+
+@pytest.mark.parametrize("phase", ["full", "sparse"])
+def test_language_run_on_a_headless_base_resumes_exactly(headless_base, ace_texts, tmp_path, phase):
+    """Warm-up, frozen decoder, row-sparse AdamW and phase-1 L1 together survive an interruption exactly."""
+    from sftkit.training import trainer as trainer_module
+
+    class Interrupt(trainer_module.NullReporter):
+        current = None
+
+        def phase_started(self, name, total_steps, done_steps):
+            self.current = name
+
+        def step(self, step, loss):
+            if self.current == phase and step == 3:
+                raise KeyboardInterrupt
+
+    options = {"max_steps": 4, "eval_steps": 2, "l1": 0.1, "head_warmup_steps": 5}
+    config = make_config(language="ace", base_model=str(headless_base), recipe="quick", **options)
+    uninterrupted = train(config, train_data=ace_texts).sft
+    work = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(config, train_data=ace_texts, work_dir=work, reporter=Interrupt())
+    resumed = train(config, train_data=ace_texts, work_dir=work, resume=True).sft
+    assert set(resumed.diffs) == set(uninterrupted.diffs)
+    for name, delta in uninterrupted.diffs.items():
+        assert torch.equal(resumed.diffs[name].indices, delta.indices), name
+        assert torch.equal(resumed.diffs[name].values, delta.values), name
+    for name, tensor in uninterrupted.full.items():
+        assert torch.equal(resumed.full[name], tensor), name
+    assert resumed.metadata.trainer["head_warmup"]["steps"] == 5

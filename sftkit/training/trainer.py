@@ -251,6 +251,10 @@ class _DensePhase:
             param.copy_(state[f"enc::{name}"])
         for name, param in self.head:
             param.copy_(state[f"head::{name}"])
+        words = self.words.weight if self.words is not None else None
+        for param, start in self.l1_terms:  # a resumed run: rows seen before the interruption moved from θ_start
+            if param is words:
+                self.seen_rows |= (param.detach() != start).any(dim=1).cpu()
 
     def close(self) -> None:
         self.forward_model = None  # drops DDP's gradient hooks before the sparse phase
