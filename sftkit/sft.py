@@ -15,6 +15,7 @@ safetensors header so the weights file describes itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import weakref
@@ -209,6 +210,19 @@ class SparseFineTuning:
 
     def dense_delta(self, name: str) -> torch.Tensor:
         return self.diffs[name].to_dense()
+
+    def delta_digest(self) -> str:
+        """SHA-256 of the sparse deltas (names, int64 indices, float32 values): equal exactly when φ is.
+
+        Heads and metadata are left out: what θ0 + φ looks like depends on these tensors only.
+        """
+        digest = hashlib.sha256()
+        for name in sorted(self.diffs):
+            delta = self.diffs[name]
+            digest.update(name.encode())
+            digest.update(delta.indices.to(torch.int64).numpy().tobytes())
+            digest.update(delta.values.float().numpy().tobytes())
+        return digest.hexdigest()
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str], dtype: str = "float32", overwrite: bool = False) -> Path:

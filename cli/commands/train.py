@@ -355,11 +355,12 @@ those (memory ∝ k). The result is registered and its reference printed.
 
 def _language_summary(sft: Any) -> str:
     """How a language SFT's MLM head was handled: the decoder and the head warm-up."""
+    from sftkit.compose import trained_with_frozen_decoder
+
     if sft.metadata.kind != "language":
         return ""
-    trainer = sft.metadata.trainer or {}
-    decoder = "frozen untied decoder" if trainer.get("freeze_decoder") else "tied decoder"
-    steps = (trainer.get("head_warmup") or {}).get("steps") or 0
+    decoder = "frozen untied decoder" if trained_with_frozen_decoder(sft) else "tied decoder"
+    steps = ((sft.metadata.trainer or {}).get("head_warmup") or {}).get("steps") or 0
     return f", {decoder}, head warm-up {steps} steps" if steps else f", {decoder}"
 
 

@@ -122,12 +122,11 @@ class TrainConfig:
     def full_phase_digest(self) -> str:
         """Hash of what decides phase 1 (not the method's selection settings): runs that differ only in
         method, rank, keep or k share one full phase (``full_phase_cache``)."""
-        data = {key: value for key, value in self.to_dict().items() if key not in SELECTION_FIELDS}
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return _digest({key: value for key, value in self.to_dict().items() if key not in SELECTION_FIELDS})
 
     def digest(self) -> str:
         """Stable hash of the whole configuration: names the run directory used by ``--resume``."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return _digest(self.to_dict())
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -200,3 +199,7 @@ class TrainConfig:
         per_epoch = -(-examples // self.batch_size)
         steps = max(round(self.epochs * per_epoch), self.min_steps, 1)
         return min(steps, self.max_steps) if self.max_steps is not None else steps
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

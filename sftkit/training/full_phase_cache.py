@@ -20,27 +20,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sftkit.atomic import atomic_directory
-from sftkit.sft import SparseFineTuning
 
 _DELTA, _HEAD, _SUMMARY = "delta.safetensors", "head.safetensors", "full.json"
 
 
 def cache_key(config_digest: str, data: Any, source_digest: str | None, base_fingerprint: str | None) -> str:
-    """One key per (phase-1 settings, data fingerprints, source-language SFT content, base model)."""
+    """One key per (phase-1 settings, data fingerprints, source-language SFT content, base model).
+
+    ``source_digest`` is ``SparseFineTuning.delta_digest()`` of the source SFT: θ_start = θ0 + φ_source
+    depends on its deltas, not on its name (two source SFTs of one language, e.g. trained by different
+    methods, must never share a phase 1).
+    """
     material = json.dumps([config_digest, data, source_digest, base_fingerprint], sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()[:24]
-
-
-def sft_content_digest(sft: SparseFineTuning) -> str:
-    """SHA-256 of an SFT's sparse deltas: θ_start = θ0 + φ_source depends on exactly these, not on its name
-    (two source SFTs of one language, e.g. trained by different methods, must never share a phase 1)."""
-    digest = hashlib.sha256()
-    for name in sorted(sft.diffs):
-        delta = sft.diffs[name]
-        digest.update(name.encode())
-        digest.update(delta.indices.to(torch.int64).numpy().tobytes())
-        digest.update(delta.values.float().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class FullPhaseCache:

@@ -67,33 +67,36 @@ def warm_up_head(
     lr: float,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Fit a fresh MLM head with the encoder frozen (it runs without autograd); returns the losses.
+    """Fit a fresh MLM head with the encoder frozen; returns the losses.
 
-    AdamW with a linear decay to 0 over ``steps``; ``batch_at(step)`` supplies the batches, so the
-    caller controls their order and seeding.
+    The encoder's parameters stop requiring grad for the duration (so autograd builds no graph through
+    it, and a tied decoder, an encoder tensor, stays put) and get their flags back afterwards. AdamW
+    with a linear decay to 0 over ``steps``; ``batch_at(step)`` supplies the batches, so the caller
+    controls their order and seeding.
     """
     from transformers import get_linear_schedule_with_warmup
 
-    encoder, mlm_head = encoder_of(model), mlm_head_of(model)
-    if mlm_head is None:
+    if mlm_head_of(model) is None:
         raise ValueError(f"{type(model).__name__}: no known MLM head to warm up")
-    parameters = [param for _, param in head]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    encoder_params = list(encoder_of(model).parameters())
+    flags = [param.requires_grad for param in encoder_params]
+    optimizer = torch.optim.AdamW([param for _, param in head], lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps)
     losses = []
     model.train()
-    for step in range(steps):
-        batch = batch_at(step)
-        labels = batch["labels"]
-        selected = labels != -100
-        with torch.no_grad():
-            hidden = encoder(**{key: value for key, value in batch.items() if key != "labels"}).last_hidden_state
-        loss = nn.functional.cross_entropy(mlm_head(hidden[selected]).float(), labels[selected])
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        model.zero_grad(set_to_none=True)  # also a tied decoder's gradient, which nothing steps
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step + 1, losses[-1])
+    try:
+        for param in encoder_params:
+            param.requires_grad_(False)
+        for step in range(steps):
+            loss = masked_lm_loss(model, batch_at(step))
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step + 1, losses[-1])
+    finally:
+        for param, flag in zip(encoder_params, flags, strict=True):
+            param.requires_grad_(flag)
     return losses

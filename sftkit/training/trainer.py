@@ -18,7 +18,6 @@ interrupted run exactly.
 from __future__ import annotations
 
 import gc
-import hashlib
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from sftkit.training.features import (
     tokenize_corpus,
     tokenize_labelled,
 )
-from sftkit.training.full_phase_cache import FullPhaseCache, cache_key, sft_content_digest
+from sftkit.training.full_phase_cache import FullPhaseCache, cache_key
 from sftkit.training.mlm import masked_lm_loss, warm_up_head
 from sftkit.training.optim import RowSparseAdamW, clip_grad_norm_
 from sftkit.training.sparse import SparseUpdater, unique_head_parameters
@@ -406,7 +405,7 @@ class _Run:
                     f"{source.metadata.base_model!r}, not on {self.config.base_model!r}"
                 )
             source.apply(self.model, with_head=False)
-        self.source_digest = sft_content_digest(source) if source is not None else None
+        self.source_digest = source.delta_digest() if source is not None else None
         self.maskable_entries = sum(param.numel() for _, param in maskable_parameters(self.model))
         self.k = resolve_k(self.config.k, self.maskable_entries)
 
@@ -740,12 +739,7 @@ class _Run:
         """Every process must end with the same φ (same masks, same values); fail loudly otherwise."""
         if not self.dist.active:
             return
-        digest = hashlib.sha256()
-        for name in sorted(sft.diffs):
-            digest.update(name.encode())
-            digest.update(sft.diffs[name].indices.numpy().tobytes())
-            digest.update(sft.diffs[name].values.numpy().tobytes())
-        digests = self.dist.gather(digest.hexdigest())
+        digests = self.dist.gather(sft.delta_digest())
         if len(set(digests)) != 1:
             raise SftkitError(f"the {self.dist.world} processes ended with different SFTs: {digests}")
 
