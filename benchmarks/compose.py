@@ -28,10 +28,12 @@ from _table import Row, print_rows
 from shapes import xlmr_base_config
 
 from sftkit import toy
-from sftkit.compose import compose_to_directory, quiet_transformers
+from sftkit.artifact import WEIGHTS_NAME
+from sftkit.base_model import quiet_transformers
+from sftkit.compose import compose_to_directory
 from sftkit.fingerprint import base_fingerprint
 from sftkit.params import head_parameters, maskable_parameters
-from sftkit.sft import WEIGHTS_NAME, SFTMetadata, SparseDelta, SparseFineTuning
+from sftkit.sft import SFTMetadata, SparseDelta, SparseFineTuning
 
 LABELS = ["negative", "neutral", "positive"]
 

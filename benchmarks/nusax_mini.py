@@ -364,7 +364,7 @@ class Experiment:
         import torch
         from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
-        from sftkit.compose import load_base
+        from sftkit.base_model import load_base
         from sftkit.training import evaluate
         from sftkit.training.features import BatchOrder, tokenize_labelled
 
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from sftkit.compose import quiet_transformers
+    from sftkit.base_model import quiet_transformers
     from sftkit.errors import SftkitError
 
     budget = replace(QUICK if args.quick else CORE, base=args.base)

@@ -38,9 +38,9 @@ REPO = HERE.parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
 from sqlalchemy import insert, select  # noqa: E402
 
-from registry import Registry  # noqa: E402
-from registry.listing import SQLiteListing  # noqa: E402
-from registry.schema import SeriesRow, SFTRow, TagRow  # noqa: E402
+from sftkit.registry import Registry  # noqa: E402
+from sftkit.registry.listing import SQLiteListing  # noqa: E402
+from sftkit.registry.schema import SeriesRow, SFTRow, TagRow  # noqa: E402
 
 sys.path.append(str(HERE))
 from _table import Row, print_rows  # noqa: E402
@@ -172,7 +172,7 @@ def startup_rows(home: Path, repeats: int) -> list[Row]:
     """Fresh ``sftkit`` processes on the 10 000-row registry: the commands that need no model."""
     with Registry.open(home=home) as registry:
         shown = registry.add(tiny_sft_directory(home.parent / "shown", seed=0)).reference
-    cli = [sys.executable, "-c", "from cli.main import main; main()", "--home", str(home)]
+    cli = [sys.executable, "-c", "from sftkit.cli.main import main; main()", "--home", str(home)]
     bare = process_seconds([sys.executable, "-c", "pass"], repeats)
     commands = [
         ("sftkit --help (s)", ["--help"]),

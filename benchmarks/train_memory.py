@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import Row, print_rows
 from shapes import xlmr_base_config
 
-from sftkit.compose import untie_decoder
+from sftkit.base_model import untie_decoder
 from sftkit.params import maskable_parameters
 from sftkit.training.mlm import masked_lm_loss
 from sftkit.training.optim import RowSparseAdamW, clip_grad_norm_

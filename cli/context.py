@@ -16,8 +16,8 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from registry import Registry, SFTRecord
-    from registry.listing import SQLiteListing
+    from sftkit.registry import Registry, SFTRecord
+    from sftkit.registry.query import Finder
     from sftkit.sft import SparseFineTuning
 
 console = Console()
@@ -36,16 +36,16 @@ class State:
 
     def registry(self) -> Registry:
         if self._registry is None:
-            from registry import Registry
+            from sftkit.registry import Registry
 
             self._registry = Registry.open(home=self.home, url=self.registry_url)
         return self._registry
 
-    def listing(self) -> SQLiteListing | Registry:
+    def listing(self) -> Finder:
         """For read-only ``find``: skips SQLAlchemy's import when the registry allows (see registry.listing)."""
         if self._registry is not None:
             return self._registry
-        from registry.listing import open_listing
+        from sftkit.registry.listing import open_listing
 
         return open_listing(home=self.home, url=self.registry_url)
 

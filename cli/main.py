@@ -15,8 +15,8 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from cli.context import err_console, state
 from sftkit import __version__
+from sftkit.cli.context import err_console, state
 from sftkit.errors import BadInputError, SftkitError
 
 
@@ -81,12 +81,12 @@ def _global(
 
 # Each module defines ``register(app)``; they import torch and transformers only inside commands.
 COMMAND_MODULES: tuple[str, ...] = (
-    "cli.commands.demo",
-    "cli.commands.compose",
-    "cli.commands.overlap",
-    "cli.commands.interop",
-    "cli.commands.train",
-    "cli.commands.registry_cmds",
+    "sftkit.cli.commands.demo",
+    "sftkit.cli.commands.compose",
+    "sftkit.cli.commands.overlap",
+    "sftkit.cli.commands.interop",
+    "sftkit.cli.commands.train",
+    "sftkit.cli.commands.registry_cmds",
 )
 
 for _name in COMMAND_MODULES:

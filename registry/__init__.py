@@ -2,7 +2,7 @@
 
 Importing this package is cheap; SQLAlchemy is loaded on first use of ``Registry``.
 
-    from registry import Registry
+    from sftkit.registry import Registry
     reg = Registry.open()                       # $SFTKIT_HOME, $SFTKIT_REGISTRY_URL, $SFTKIT_STORE
     record = reg.add(sft, tags=["best"])        # -> SFTRecord, e.g. record.reference == "lang:ace@1"
     sft = reg.load("ace@best")
@@ -13,12 +13,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from registry.records import SFTRecord, VerifyProblem
+from sftkit.registry.records import SFTRecord, VerifyProblem
 
 __all__ = ["Registry", "SFTRecord", "VerifyProblem"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "Registry":
-        return importlib.import_module("registry.core").Registry
-    raise AttributeError(f"module 'registry' has no attribute {name!r}")
+        return importlib.import_module("sftkit.registry.core").Registry
+    raise AttributeError(f"module 'sftkit.registry' has no attribute {name!r}")

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from sftkit.artifact import ARTIFACT_FILES, CONFIG_NAME, WEIGHTS_NAME, WeightsSummary, read_weights_summary
 from sftkit.errors import BadInputError, NotFoundError, SftkitError
-from sftkit.inspect import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, WeightsSummary, read_weights_summary
+from sftkit.safetensors_header import read_raw_header
 
 if TYPE_CHECKING:
     from sftkit.sft import SparseFineTuning
 
-ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
@@ -76,11 +75,9 @@ def _canonical_safetensors_header(handle: BinaryIO) -> bytes:
     gives different bytes; the hash must not see that. An unreadable header is hashed raw, which
     then simply fails to match.
     """
-    start = handle.read(8)
     try:
-        (length,) = struct.unpack("<Q", start)
-        header = json.loads(handle.read(length))
-    except (struct.error, ValueError, MemoryError, OverflowError):
+        header = read_raw_header(handle)[1]
+    except ValueError:
         handle.seek(0)
         return b""
     return json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\0"

@@ -1,6 +1,6 @@
 """The ``Registry`` facade: add, resolve, find, load, tag, remove, verify and collect SFTs.
 
-Where things live: ``home`` (argument → ``$SFTKIT_HOME`` → ``~/.sftkit``) holds ``registry.db`` and the
+Where things live: ``home`` (argument → ``$SFTKIT_HOME`` → ``~/.sftkit``) holds ``sftkit.registry.db`` and the
 artifact store ``store/`` (``$SFTKIT_STORE`` moves the store). ``url`` (argument →
 ``$SFTKIT_REGISTRY_URL``) selects another database, e.g. a team's PostgreSQL; artifacts then still go
 to the store, which the team shares on common storage (a row whose artifact is not in this
@@ -25,7 +25,9 @@ from sqlalchemy import delete, literal_column, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from registry.artifacts import (
+from sftkit.artifact import CONFIG_NAME, sft_name
+from sftkit.errors import BadInputError, BaseMismatchError, NotFoundError, SftkitError
+from sftkit.registry.artifacts import (
     REQUIRED_FILES,
     ArtifactInfo,
     ArtifactStore,
@@ -33,9 +35,8 @@ from registry.artifacts import (
     hash_artifact,
     inspect_artifact,
 )
-from registry.database import Database
-from registry.listing import checked_kind, checked_sort
-from registry.location import (
+from sftkit.registry.database import Database
+from sftkit.registry.location import (
     DB_NAME,
     HEAD,
     home_directory,
@@ -44,11 +45,10 @@ from registry.location import (
     store_directory,
     writable_directory,
 )
-from registry.records import SFTRecord, VerifyProblem, canonical_reference
-from registry.references import ParsedReference, check_name, check_tag, looks_like_path, parse_reference
-from registry.schema import UNKNOWN_BASE, InfoRow, SeriesRow, SFTRow, TagRow
-from sftkit.errors import BadInputError, BaseMismatchError, NotFoundError, SftkitError
-from sftkit.inspect import CONFIG_NAME
+from sftkit.registry.query import Finder, Query
+from sftkit.registry.records import SFTRecord, VerifyProblem, canonical_reference
+from sftkit.registry.references import ParsedReference, check_name, check_tag, looks_like_path, parse_reference
+from sftkit.registry.schema import UNKNOWN_BASE, InfoRow, SeriesRow, SFTRow, TagRow
 
 if TYPE_CHECKING:
     from sftkit.sft import SparseFineTuning
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 _ADD_ATTEMPTS = 5
 
 
-class Registry:
+class Registry(Finder):
     """SFT rows in a SQL database plus their artifacts in a content-addressed store."""
 
     def __init__(self, home: Path, database: Database, store: ArtifactStore, readonly: bool = False) -> None:
@@ -244,7 +244,7 @@ class Registry:
 
     # ------------------------------------------------------------------ resolving
     def resolve(self, ref: SFTRecord | str | os.PathLike[str], base_model: str | None = None) -> SFTRecord:
-        """Record for a reference (see ``registry.references``) or an SFT directory path.
+        """Record for a reference (see ``sftkit.registry.references``) or an SFT directory path.
 
         ``base_model`` narrows a name that exists for several base models. Raises ``NotFoundError``
         (suggesting ``sftkit list``) or ``BadInputError`` listing the candidates when ambiguous.
@@ -367,39 +367,19 @@ class Registry:
         return SparseFineTuning.load(path)
 
     # ------------------------------------------------------------------ querying
-    def find(
-        self,
-        kind: str | None = None,
-        language: str | None = None,
-        task: str | None = None,
-        base_model: str | None = None,
-        method: str | None = None,
-        tag: str | None = None,
-        sort: str = "created",
-        descending: bool = True,
-        limit: int | None = None,
-    ) -> list[SFTRecord]:
-        """Records matching every given filter, sorted by ``sort`` (one of ``registry.listing.SORT_KEYS``)."""
-        order = checked_sort(sort)
-        query = select(SFTRow)
-        for column, value in (
-            (SFTRow.kind, checked_kind(kind)),
-            (SFTRow.language, language),
-            (SFTRow.task, task),
-            (SFTRow.base_model, base_model),
-            (SFTRow.method, method),
-        ):
-            if value is not None:
-                query = query.where(column == value)
-        if tag is not None:
-            query = query.where(SFTRow.id.in_(select(TagRow.sft_id).where(TagRow.name == tag)))
-        columns = (*(literal_column(expression) for expression in order), SFTRow.id)
-        query = query.order_by(*(column.desc() if descending else column.asc() for column in columns))
-        if limit is not None:
-            query = query.limit(limit)
+    def run_query(self, query: Query) -> list[SFTRecord]:
+        statement = select(SFTRow)
+        for column, value in query.equalities.items():
+            statement = statement.where(getattr(SFTRow, column) == value)
+        if query.tag is not None:
+            statement = statement.where(SFTRow.id.in_(select(TagRow.sft_id).where(TagRow.name == query.tag)))
+        columns = [literal_column(expression) for expression in query.order]
+        statement = statement.order_by(*(column.desc() if query.descending else column.asc() for column in columns))
+        if query.limit is not None:
+            statement = statement.limit(query.limit)
         self._ready()
         with self.db.session() as session:
-            return [self._record(row) for row in session.scalars(query)]
+            return [self._record(row) for row in session.scalars(statement)]
 
     def lineage(self, ref: SFTRecord | str | os.PathLike[str]) -> list[SFTRecord]:
         """The SFT followed by its source, the source's source, … (registered ones only)."""
@@ -483,7 +463,7 @@ class Registry:
             ).all()
         problems = []
         for done, row in enumerate(rows, 1):
-            reference = canonical_reference(row.kind, row.language if row.kind == "language" else row.task, row.version)
+            reference = canonical_reference(row.kind, sft_name(row.kind, row.language, row.task), row.version)
             path = self.store.path_for(row.sha256)
             missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
             if not path.is_dir():
@@ -558,7 +538,7 @@ def _row_fields(info: ArtifactInfo) -> dict[str, Any]:
     """Row columns from an artifact's config; entry counts come from the weights themselves."""
     config = info.config
     kind = config["kind"]
-    name = check_name(config.get("language") if kind == "language" else config.get("task"), kind)
+    name = check_name(sft_name(kind, config.get("language"), config.get("task")), kind)
     if config.get("language") is not None:
         check_name(config["language"], "language")
     counts = info.weights.parameters

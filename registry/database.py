@@ -18,8 +18,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
-from registry.location import BUSY_TIMEOUT_S, HEAD, SCHEMA_REVISIONS
 from sftkit.errors import BadInputError, SftkitError
+from sftkit.registry.location import BUSY_TIMEOUT_S, HEAD, SCHEMA_REVISIONS
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 

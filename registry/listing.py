@@ -4,8 +4,9 @@
 else it does together (≈ 0.16 s of a ≈ 0.45 s start). ``open_listing`` therefore answers with a
 ``SQLiteListing`` (``sqlite3``, read-only) when the registry is the SQLite file in a home at the
 current schema, and with a full ``Registry`` otherwise (a server URL, a database still to create or
-to upgrade), whose messages then apply. The filters and sort orders are defined once, here, as SQL;
-a test runs both paths over the same registry and compares every record.
+to upgrade), whose messages then apply. The filters and sort orders are defined once, as SQL;
+a test runs both paths over the same registry and compares every record. The query vocabulary both
+share is ``sftkit.registry.query``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from collections.abc import Iterator
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from registry.artifacts import ArtifactStore
-from registry.location import (
+from sftkit.errors import SftkitError
+from sftkit.registry.artifacts import ArtifactStore
+from sftkit.registry.location import (
     BUSY_TIMEOUT_S,
     DB_NAME,
     HEAD,
@@ -30,46 +32,11 @@ from registry.location import (
     store_directory,
     writable_directory,
 )
-from registry.records import SFTRecord, record_from_columns
-from registry.references import KIND_ALIASES
-from sftkit.errors import BadInputError, SftkitError
-
-if TYPE_CHECKING:
-    from registry.core import Registry
-
-# Sort key → SQL expressions over the ``sfts`` table (the row id always breaks ties, same direction).
-SORT_KEYS: dict[str, tuple[str, ...]] = {
-    "created": ("created",),
-    "version": ("version",),
-    "name": ("coalesce(language, task)", "version"),
-    "kind": ("kind",),
-    "language": ("language",),
-    "task": ("task",),
-    "base": ("base_model",),
-    "method": ("method",),
-    "density": ("density",),
-    "entries": ("num_entries",),
-    "k": ("k",),
-    "size": ("size_bytes",),
-}
+from sftkit.registry.query import Finder, Query
+from sftkit.registry.records import SFTRecord, record_from_columns
 
 
-def checked_kind(kind: str | None) -> str | None:
-    """``lang``/``language``/``task`` → the stored kind; a clear error for anything else."""
-    if kind is None:
-        return None
-    if kind not in KIND_ALIASES:
-        raise BadInputError(f"kind must be 'language' (or 'lang') or 'task', not {kind!r}")
-    return KIND_ALIASES[kind]
-
-
-def checked_sort(sort: str) -> tuple[str, ...]:
-    if sort not in SORT_KEYS:
-        raise BadInputError(f"cannot sort by {sort!r}: choose one of {', '.join(SORT_KEYS)}")
-    return SORT_KEYS[sort]
-
-
-class SQLiteListing:
+class SQLiteListing(Finder):
     """Read-only ``find`` over a SQLite registry file at schema ``HEAD``."""
 
     def __init__(self, connection: sqlite3.Connection, url: str, store: ArtifactStore) -> None:
@@ -102,43 +69,20 @@ class SQLiteListing:
     def close(self) -> None:
         self._connection.close()
 
-    def find(
-        self,
-        kind: str | None = None,
-        language: str | None = None,
-        task: str | None = None,
-        base_model: str | None = None,
-        method: str | None = None,
-        tag: str | None = None,
-        sort: str = "created",
-        descending: bool = True,
-        limit: int | None = None,
-    ) -> list[SFTRecord]:
-        """Same contract as ``Registry.find``."""
-        order = checked_sort(sort)
-        conditions, parameters = [], []
-        filters = {
-            "kind": checked_kind(kind),
-            "language": language,
-            "task": task,
-            "base_model": base_model,
-            "method": method,
-        }
-        for column, value in filters.items():
-            if value is not None:
-                conditions.append(f"{column} = ?")
-                parameters.append(value)
-        if tag is not None:
+    def run_query(self, query: Query) -> list[SFTRecord]:
+        conditions = [f"{column} = ?" for column in query.equalities]
+        parameters: list[Any] = list(query.equalities.values())
+        if query.tag is not None:
             conditions.append("id IN (SELECT sft_id FROM tags WHERE name = ?)")
-            parameters.append(tag)
-        direction = "DESC" if descending else "ASC"
+            parameters.append(query.tag)
+        direction = "DESC" if query.descending else "ASC"
         sql = "SELECT * FROM sfts"
         if conditions:
             sql += " WHERE " + " AND ".join(conditions)
-        sql += " ORDER BY " + ", ".join(f"{expression} {direction}" for expression in (*order, "id"))
-        if limit is not None:
+        sql += " ORDER BY " + ", ".join(f"{expression} {direction}" for expression in query.order)
+        if query.limit is not None:
             sql += " LIMIT ?"
-            parameters.append(limit)
+            parameters.append(query.limit)
         try:
             with closing(self._connection.cursor()) as cursor:
                 cursor.execute("BEGIN")  # rows and tags from one snapshot
@@ -184,7 +128,7 @@ def open_listing(
     home: str | os.PathLike[str] | None = None,
     url: str | None = None,
     store: str | os.PathLike[str] | None = None,
-) -> SQLiteListing | Registry:
+) -> Finder:
     """Something with ``find`` and ``url`` for this registry, as cheaply as it can be had."""
     url = registry_url(url)
     if url is None:
@@ -192,6 +136,6 @@ def open_listing(
         listing = SQLiteListing.open(home_dir, store_directory(home_dir, store))
         if listing is not None:
             return listing
-    from registry.core import Registry
+    from sftkit.registry.core import Registry
 
     return Registry.open(home=home, url=url, store=store)

@@ -1,6 +1,6 @@
 """Where a registry lives and which schema it must have: plain paths and constants, no SQLAlchemy.
 
-Shared by ``Registry`` and the SQLAlchemy-free ``registry.listing`` so both open the same files.
+Shared by ``Registry`` and the SQLAlchemy-free ``sftkit.registry.listing`` so both open the same files.
 """
 
 from __future__ import annotations

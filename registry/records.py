@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sftkit.artifact import CONFIG_NAME, sft_name
 from sftkit.errors import NotFoundError
-from sftkit.inspect import CONFIG_NAME
 
 KIND_PREFIXES = {"language": "lang", "task": "task"}
 
@@ -57,7 +57,7 @@ class SFTRecord:
     @property
     def name(self) -> str:
         """The language code of a language SFT, the task name of a task SFT."""
-        return (self.language if self.kind == "language" else self.task) or ""
+        return sft_name(self.kind, self.language, self.task) or ""
 
     @property
     def short_sha(self) -> str:
@@ -100,7 +100,7 @@ def record_from_columns(columns: Mapping[str, Any], tags: Iterable[str], path: P
     if created is not None and created.tzinfo is None:  # SQLite drops the zone; we always store UTC
         created = created.replace(tzinfo=timezone.utc)
     kind = columns["kind"]
-    name = columns["language"] if kind == "language" else columns["task"]
+    name = sft_name(kind, columns["language"], columns["task"])
     return SFTRecord(
         id=columns["id"],
         reference=canonical_reference(kind, name, columns["version"]),

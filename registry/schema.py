@@ -33,7 +33,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from registry.records import SFTRecord, canonical_reference, record_from_columns
+from sftkit.artifact import sft_name
+from sftkit.registry.records import SFTRecord, canonical_reference, record_from_columns
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -108,7 +109,7 @@ class SFTRow(Base):
 
     @property
     def reference(self) -> str:
-        return canonical_reference(self.kind, self.language if self.kind == "language" else self.task, self.version)
+        return canonical_reference(self.kind, sft_name(self.kind, self.language, self.task), self.version)
 
     def to_record(self, path: Path) -> SFTRecord:
         columns = {column.key: getattr(self, column.key) for column in self.__table__.columns}

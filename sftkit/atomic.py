@@ -33,11 +33,15 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     staging.mkdir()
     try:
         yield staging
+        check_target(target, overwrite)  # again: another process may have written it meanwhile
         if target.exists():
             retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             target.rename(retired)
             staging.rename(target)
-            shutil.rmtree(retired, ignore_errors=True)
+            if retired.is_dir():
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                retired.unlink()
         else:
             staging.rename(target)
     except BaseException:

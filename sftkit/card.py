@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from sftkit.sft import SFTMetadata
+from sftkit.metadata import SFTMetadata
 
 
 def _front_matter(fields: dict[str, object]) -> str:

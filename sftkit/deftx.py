@@ -1,6 +1,6 @@
 """DEFT-X: denoise a full fine-tuning's δ with a truncated SVD, then choose the global top-k mask.
 
-The method, as in DESIGN.md ("The method, precisely"):
+The method (DEFT-X paper, §3; on top of LT-SFT, Ansell et al. 2022):
 
 1. For every maskable 2-D δ (embeddings included): SVD δ = UΣVᵀ, rank r fixed or the smallest r with
    Σ_{i≤r} σᵢ² ≥ p·Σσᵢ² ("90var" ⇒ p = 0.9); L = U_r Σ_r V_rᵀ; R = δ − L; S = the ``keep`` fraction of R's

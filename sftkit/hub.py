@@ -22,10 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sftkit.artifact import ARTIFACT_FILES, CARD_NAME, LTSFT_FILE, SIDECAR_NAME, sft_name
 from sftkit.errors import BadInputError, NotFoundError, SftkitError
 
 # Files an SFT repo is made of (either format); nothing else in the directory is uploaded.
-UPLOAD_PATTERNS = ["sft_config.json", "sft_model.safetensors", "README.md", "pytorch_diff.bin", "sftkit_metadata.json"]
+UPLOAD_PATTERNS = [*ARTIFACT_FILES, LTSFT_FILE, SIDECAR_NAME]
 _LANG_REPO = re.compile(r"(?:^|-)lang-sft-([a-z]{2,3})(?:-|$)")
 _TASK_REPO = re.compile(r"(?:^|-)task-sft-([A-Za-z0-9_]+?)(?:-ms)?$")
 
@@ -124,7 +125,6 @@ def repo_overrides(snapshot: Path, repo_id: str, given: Mapping[str, Any]) -> di
     """Metadata for a pulled snapshot: the user's, completed from the repo name for a bare LT-SFT repo
     (our format and our LT-SFT exports carry their own metadata)."""
     from sftkit.interop import detect_format
-    from sftkit.interop.ltsft import SIDECAR_NAME
 
     bare_ltsft = detect_format(snapshot) == "lt-sft" and not (snapshot / SIDECAR_NAME).is_file()
     if not bare_ltsft or "kind" in given:
@@ -162,11 +162,8 @@ def pull(
     if not target.is_dir():
         sft = import_sft(snapshot, wanted, base=base).sft
         meta = sft.metadata
-        if (meta.language if meta.kind == "language" else meta.task) is None:
-            raise BadInputError(
-                f"cannot tell the {'language' if meta.kind == 'language' else 'task'} of {repo_id}: "
-                "pull it with --lang or --task"
-            )
+        if sft_name(meta.kind, meta.language, meta.task) is None:
+            raise BadInputError(f"cannot tell the {meta.kind} of {repo_id}: pull it with --lang or --task")
         meta.extra.setdefault("hub", {"repo_id": repo_id, "commit": snapshot.name})
         sft.save(target, overwrite=True)
     return target
@@ -186,8 +183,8 @@ def push(
 
     source = Path(directory)
     kind = detect_format(source)
-    if not (source / "README.md").is_file():
-        raise BadInputError(f"{source} has no model card (README.md); re-save or re-export it first")
+    if not (source / CARD_NAME).is_file():
+        raise BadInputError(f"{source} has no model card ({CARD_NAME}); re-save or re-export it first")
     repo_id, revision = parse_repo_spec(repo_id)
     if revision is not None:
         raise BadInputError("push to a repo, not a revision: drop the @revision")

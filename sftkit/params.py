@@ -60,10 +60,6 @@ def maskable_parameters(model: nn.Module) -> Iterator[tuple[str, torch.nn.Parame
             yield name, param
 
 
-def maskable_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in maskable_parameters(model)]
-
-
 def encoder_of(model: nn.Module) -> nn.Module:
     """The encoder (``base_model``) of a model with a head, or the model itself."""
     return getattr(model, "base_model", model)

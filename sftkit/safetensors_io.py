@@ -1,4 +1,4 @@
-"""Safetensors files read and written in chunks through one reused buffer.
+"""Safetensors files read and written in chunks through a few reused buffers.
 
 Why not ``safetensors.torch.save_file``: it needs every tensor of a file materialised first, so
 composing a 1 GB checkpoint would allocate (and page-fault) a second gigabyte. Here tensors stream
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from sftkit.safetensors_header import check_layout, read_raw_header
 
 DTYPES = {
     "F64": torch.float64,
@@ -45,10 +47,10 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor layout of a safetensors file; unknown dtypes raise ``KeyError`` (callers fall back)."""
+    """Tensor layout of a safetensors file, checked; a bad header or an unknown dtype raises ``ValueError``."""
     with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        length, header = read_raw_header(handle)
+    check_layout(header, path.stat().st_size - 8 - length)
     base = 8 + length
     return {
         name: TensorInfo(

@@ -1,16 +1,8 @@
-"""The SFT artifact: sparse deltas of the encoder, dense head tensors and metadata.
+"""The SFT in memory: sparse deltas of the encoder, dense head tensors and metadata; save, load, apply.
 
-One SFT is one directory (the unit stored in the registry and pushed to the Hub)::
-
-    sft_config.json          metadata (``SFTMetadata``)
-    sft_model.safetensors    <param>.indices  flat row-major indices, ascending, int32 (int64 if numel >= 2**31)
-                             <param>.values   the deltas (float32, or float16/bfloat16 on request)
-                             <param>.full     dense tensors of fully trained parameters (heads)
-    README.md                model card with YAML front matter
-
-Sparse deltas are keyed by parameter names relative to the encoder (``model.base_model``); head
-tensors by their names in the full model (see ``sftkit.params``). Parameter shapes are kept in the
-safetensors header so the weights file describes itself.
+The files it reads and writes are described in ``sftkit.artifact``. Sparse deltas are keyed by
+parameter names relative to the encoder (``model.base_model``); head tensors by their names in the
+full model (see ``sftkit.params``).
 """
 
 from __future__ import annotations
@@ -19,8 +11,8 @@ import hashlib
 import json
 import os
 import weakref
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,68 +21,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sftkit import __version__
+from sftkit.artifact import CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 from sftkit.atomic import atomic_directory
+from sftkit.card import sft_model_card
 from sftkit.errors import BadInputError, BaseMismatchError
+from sftkit.metadata import SFTMetadata
 from sftkit.params import encoder_of
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "sft_config.json"
-WEIGHTS_NAME = "sft_model.safetensors"
-CARD_NAME = "README.md"
+__all__ = ["VALUE_DTYPES", "SFTMetadata", "SparseDelta", "SparseFineTuning"]
 
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _INT32_LIMIT = 2**31
-
-
-@dataclass
-class SFTMetadata:
-    """Everything known about how an SFT was made; stored as ``sft_config.json``."""
-
-    kind: str = "language"  # "language" | "task"
-    language: str | None = None
-    task: str | None = None
-    labels: list[str] | None = None
-    base_model: str | None = None
-    base_revision: str | None = None
-    base_fingerprint: str | None = None
-    head_type: str | None = None  # "masked-lm" | "sequence-classification" | None
-    method: str = "deftx"  # "deftx" | "lt-sft"
-    rank: str | None = None  # rank spec as given: "90var", "100", "none"
-    keep: float | None = None
-    k: int | None = None
-    maskable_entries: int | None = None
-    density: float | None = None
-    source_sft: dict[str, Any] | None = None  # lineage of a task SFT: reference, sha256, language
-    metrics: dict[str, Any] = field(default_factory=dict)
-    trainer: dict[str, Any] = field(default_factory=dict)
-    rank_report: list[dict[str, Any]] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    sftkit_version: str = __version__
-    format_version: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("language", "task"):
-            raise BadInputError(f"SFT kind must be 'language' or 'task', not {self.kind!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SFTMetadata:
-        """Unknown keys (written by a newer sftkit) are kept in ``extra`` rather than lost."""
-        known = {f.name for f in fields(cls)}
-        values = {key: value for key, value in data.items() if key in known}
-        unknown = {key: value for key, value in data.items() if key not in known}
-        metadata = cls(**values)
-        metadata.extra.update(unknown)
-        return metadata
-
-    @property
-    def name(self) -> str:
-        """Short human name: the language code of a language SFT, the task of a task SFT."""
-        return (self.language if self.kind == "language" else self.task) or "unnamed"
 
 
 @dataclass
@@ -250,8 +191,6 @@ class SparseFineTuning:
         config["num_entries"] = self.num_entries
         config["num_full_entries"] = self.num_full_entries
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        from sftkit.card import sft_model_card
-
         (directory / CARD_NAME).write_text(sft_model_card(self.metadata, self.num_entries))
 
     @classmethod
@@ -343,6 +282,3 @@ class SparseFineTuning:
                 target.copy_(original)
             else:
                 target[index] = original
-
-    def head_names(self) -> Iterable[str]:
-        return self.full.keys()

@@ -3,7 +3,8 @@
 Why: loading the whole model, touching every page with the sparse updates and saving it again costs
 several times a plain copy of the checkpoint (transformers 5 memory-maps checkpoints, so the plain
 ``from_pretrained`` + ``save_pretrained`` is little more than a file copy). Streaming copies each base
-tensor chunk by chunk from the checkpoint through one reused buffer, adds Σ wᵢ φᵢ there and writes it
+tensor chunk by chunk from the checkpoint through a small pool of reused buffers (one per worker
+thread, plus one being written), adds Σ wᵢ φᵢ there and writes it
 (``sftkit.safetensors_io``); no model is ever materialised — mergekit's lazy per-tensor idea.
 
 The target layout (parameter names, shapes, which ones form the head) comes from the model class
@@ -20,12 +21,15 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from sftkit.artifact import CARD_NAME
 from sftkit.atomic import atomic_directory
+from sftkit.base_model import head_class
 from sftkit.card import composed_model_card
+from sftkit.composition_plan import COMPOSE_RECORD, Plan, compose_record
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.fingerprint import fingerprint_samples, sample_stride
 from sftkit.params import encoder_of, head_parameters
@@ -38,9 +42,6 @@ from sftkit.safetensors_io import (
     read_into,
     write_sequential,
 )
-
-if TYPE_CHECKING:
-    from sftkit.compose import Plan
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -81,8 +82,6 @@ def _checkpoint_files(snapshot: Path) -> list[Path] | None:
 def _target_model(snapshot: Path, composition: Plan):
     """The output model class on the meta device: names, shapes and head, with no weights."""
     from transformers import AutoConfig
-
-    from sftkit.compose import head_class
 
     auto, overrides = head_class(composition.head, composition.labels)
     config = AutoConfig.from_pretrained(snapshot, **overrides)
@@ -276,8 +275,6 @@ def _write_weights(
 
 
 def _write_side_files(staging: Path, snapshot: Path, model, composition: Plan, base: str, fingerprint: str) -> None:
-    from sftkit.compose import COMPOSE_RECORD, compose_record
-
     config = model.config
     config.architectures = [type(model).__name__]
     config.save_pretrained(staging)
@@ -286,7 +283,6 @@ def _write_side_files(staging: Path, snapshot: Path, model, composition: Plan, b
         raise BadInputError(f"cannot load the tokenizer of {base!r}: no tokenizer files in {snapshot}")
     for name in copied:
         shutil.copyfile(snapshot / name, staging / name)
-    parts = composition.records()
-    record = compose_record(base, fingerprint, type(model).__name__, parts)
+    record = compose_record(base, fingerprint, type(model).__name__, composition.parts)
     (staging / COMPOSE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    (staging / "README.md").write_text(composed_model_card(base, parts, composition.labels))
+    (staging / CARD_NAME).write_text(composed_model_card(base, record["sfts"], composition.labels))

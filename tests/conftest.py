@@ -61,7 +61,7 @@ def cli(sftkit_home):
     """Run ``sftkit ARGS…`` in-process (typer's CliRunner) against the test's empty registry home."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from sftkit.cli.main import app
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])

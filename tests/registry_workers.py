@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from registry import Registry
+from sftkit.registry import Registry
 
 
 def add_all(home: str, url: str | None, directories: list[Path]) -> None:

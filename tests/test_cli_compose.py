@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
-from cli.main import app
-from registry import Registry
+from sftkit.cli.main import app
 from sftkit.fingerprint import base_fingerprint
 from sftkit.params import head_parameters, maskable_parameters
+from sftkit.registry import Registry
 from sftkit.sft import SFTMetadata, SparseFineTuning
 from sftkit.toy import LABELS
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, pipeline
 
-from sftkit.compose import COMPOSE_RECORD, compose, export
+from sftkit.compose import compose, export
+from sftkit.composition_plan import COMPOSE_RECORD
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.fingerprint import base_fingerprint
 from sftkit.params import head_parameters, maskable_parameters
@@ -71,44 +72,130 @@ def _dense_deltas_from_file(directory: Path) -> tuple[dict[str, torch.Tensor], d
     return deltas, heads
 
 
+def _expected_encoder(base_dir: Path, parts: list[tuple[Path, float]]) -> dict[str, torch.Tensor]:
+    """θ0 + Σ wᵢ φᵢ for every encoder tensor, from the files alone (names relative to the encoder)."""
+    prefix = "roberta."
+    expected = {
+        key[len(prefix) :]: t.clone()
+        for key, t in load_file(str(base_dir / "model.safetensors")).items()
+        if key.startswith(prefix)
+    }
+    for directory, weight in parts:
+        deltas, _ = _dense_deltas_from_file(directory)
+        assert deltas, directory
+        for name, delta in deltas.items():
+            expected[name] += weight * delta
+    return expected
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        assert not tensors.keys() & load_file(str(file)).keys()
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+TEXTS = ["baka lo mi", "zuto fe", "mi mi baka zuto", "lo"]
+
+
+def _in_memory_predictions(model, tokenizer_dir: Path) -> list[tuple[str, float]]:
+    """(label, probability) of the composed model object itself, without any export."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model.eval()
+    results = []
+    with torch.no_grad():
+        for text in TEXTS:
+            probabilities = model(**tokenizer(text, return_tensors="pt")).logits.softmax(-1)[0]
+            index = int(probabilities.argmax())
+            results.append((model.config.id2label[index], float(probabilities[index])))
+    return results
+
+
+def _assert_same_predictions(directory: Path, expected: list[tuple[str, float]]) -> None:
+    predictions = pipeline("text-classification", model=str(directory))(TEXTS)
+    assert [p["label"] for p in predictions] == [label for label, _ in expected]
+    assert [p["score"] for p in predictions] == pytest.approx([score for _, score in expected], abs=1e-6)
+
+
 def test_exported_weights_equal_base_plus_deltas(tiny_base, sft_dirs, tmp_path):
     task, language = (SparseFineTuning.load(sft_dirs[k]) for k in ("task", "language"))
-    out = export(compose(str(tiny_base), [task, language], weights=[1.0, 0.5]), tmp_path / "model")
+    sfts, weights = [task, language], [1.0, 0.5]
+    out = export(compose(str(tiny_base), sfts, weights=weights), tmp_path / "model", sfts, weights)
 
     base = load_file(str(tiny_base / "model.safetensors"))
     composed = load_file(str(out / "model.safetensors"))
-    task_deltas, task_heads = _dense_deltas_from_file(sft_dirs["task"])
-    language_deltas, _ = _dense_deltas_from_file(sft_dirs["language"])
+    _, task_heads = _dense_deltas_from_file(sft_dirs["task"])
+    expected = _expected_encoder(tiny_base, [(sft_dirs["task"], 1.0), (sft_dirs["language"], 0.5)])
     prefix = "roberta."
-    for name, delta in task_deltas.items():
-        expected = base[prefix + name] + delta + 0.5 * language_deltas[name]
-        assert torch.allclose(composed[prefix + name], expected, atol=1e-6), name
+    # Every tensor is accounted for: the encoder is θ0 + Σ wᵢ φᵢ (norms untouched), the head is the task SFT's.
+    assert composed.keys() == {prefix + name for name in expected} | task_heads.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(composed[prefix + name], tensor, atol=1e-6), name
+        if "LayerNorm" in name:
+            assert torch.equal(composed[prefix + name], base[prefix + name]), name
+    changed = [name for name in expected if not torch.equal(composed[prefix + name], base[prefix + name])]
+    assert len(changed) > 10  # the deltas really moved most tensors
     for name, tensor in task_heads.items():
         assert torch.equal(composed[name], tensor), name
-    assert not any(key.startswith("lm_head") for key in composed)
 
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {str(i): label for i, label in enumerate(LABELS)}
     record = json.loads((out / COMPOSE_RECORD).read_text())
-    assert [(p["kind"], p["weight"]) for p in record["sfts"]] == [("task", 1.0), ("language", 0.5)]
-    assert record["base_fingerprint"].startswith("sha256:")
-    assert "base_model:" in (out / "README.md").read_text()
+    fingerprint = base_fingerprint(AutoModelForMaskedLM.from_pretrained(tiny_base))
+    assert record["base_model"] == str(tiny_base)
+    assert record["base_fingerprint"] == fingerprint
+    assert record["architecture"] == "XLMRobertaForSequenceClassification"
+    assert [
+        (p["kind"], p["name"], p["weight"], p["method"], p["num_entries"], p["base_fingerprint"])
+        for p in record["sfts"]
+    ] == [
+        ("task", "sa", 1.0, "deftx", task.num_entries, fingerprint),
+        ("language", "ace", 0.5, "deftx", language.num_entries, fingerprint),
+    ]
+    for part in record["sfts"]:  # the counts agree with the files themselves
+        tensors = load_file(str(sft_dirs[part["kind"]] / "sft_model.safetensors"))
+        assert part["num_entries"] == sum(t.numel() for key, t in tensors.items() if key.endswith(".indices")) > 0
+    card = (out / "README.md").read_text()
+    assert f"base_model: {json.dumps(str(tiny_base))}" in card
+    assert "- task SFT `sa` × 1.0 (deftx)" in card
+    assert "- language SFT `ace` × 0.5 (deftx)" in card
+    assert "Labels: negative, neutral, positive." in card
 
 
 def test_exported_directory_runs_in_a_pipeline(tiny_base, sft_dirs, tmp_path):
     sfts = [SparseFineTuning.load(sft_dirs[k]) for k in ("language", "task")]
-    out = export(compose(str(tiny_base), sfts), tmp_path / "model")
+    model = compose(str(tiny_base), sfts)
+    out = export(model, tmp_path / "model", sfts)
     reloaded = AutoModelForSequenceClassification.from_pretrained(out)
     assert reloaded.config.num_labels == 3
-    predictions = pipeline("text-classification", model=str(out))(["baka lo mi", "zuto fe"])
-    assert [p["label"] in LABELS for p in predictions] == [True, True]
+    assert reloaded.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    expected = _in_memory_predictions(model, tiny_base)
+    # The head really discriminates (a constant answer would make the comparison below weak).
+    assert len({score for _, score in expected}) > 1
+    _assert_same_predictions(out, expected)
 
 
 def test_sharded_export_loads(tiny_base, sft_dirs, tmp_path):
     sfts = [SparseFineTuning.load(sft_dirs[k]) for k in ("language", "task")]
-    out = export(compose(str(tiny_base), sfts), tmp_path / "model", max_shard_size="100KB")
-    assert (out / "model.safetensors.index.json").exists()
-    AutoModelForSequenceClassification.from_pretrained(out)
+    model = compose(str(tiny_base), sfts)
+    out = export(model, tmp_path / "model", sfts, max_shard_size="100KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1
+    assert sorted(set(index["weight_map"].values())) == shards
+    stored = _weights(out)
+    assert index["weight_map"].keys() == stored.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(stored[name], tensor), name
+        assert name in load_file(str(out / index["weight_map"][name]))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
 
 
 def test_mismatched_base_is_refused(other_base, sft_dirs):
@@ -131,10 +218,22 @@ def test_two_heads_or_no_head_are_refused(tiny_base, sft_dirs):
 
 def test_language_only_composition_into_a_bare_encoder(tiny_base, sft_dirs, tmp_path):
     language = SparseFineTuning.load(sft_dirs["language"])
-    model = compose(str(tiny_base), [language], head="none")
+    model = compose(str(tiny_base), [language], head="none", weights=[0.75])
     assert type(model).__name__ == "XLMRobertaModel"
-    out = export(model, tmp_path / "encoder")
-    assert (out / "model.safetensors").exists()
+    out = export(model, tmp_path / "encoder", [language], [0.75])
+    stored = load_file(str(out / "model.safetensors"))
+    expected = _expected_encoder(tiny_base, [(sft_dirs["language"], 0.75)])
+    # θ0 + 0.75 φ_L in every encoder tensor; no MLM or classifier head. (The pooler, absent from the MLM
+    # checkpoint, is whatever AutoModel initialised: it is only checked to be the in-memory model's.)
+    assert stored.keys() - expected.keys() == {"pooler.dense.weight", "pooler.dense.bias"}
+    assert expected.keys() <= stored.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(stored[name], tensor, atol=1e-6), name
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(stored[name], tensor), name
+    record = json.loads((out / COMPOSE_RECORD).read_text())
+    assert record["architecture"] == "XLMRobertaModel"
+    assert [(p["kind"], p["name"], p["weight"]) for p in record["sfts"]] == [("language", "ace", 0.75)]
 
 
 def test_export_refuses_to_overwrite_and_leaves_no_partial_directory(tiny_base, sft_dirs, tmp_path):
@@ -177,23 +276,18 @@ def test_streaming_export_equals_in_memory_export(
         )
     finally:
         torch.set_num_threads(previous)
-    in_memory = export(compose(str(tiny_base), sfts, weights=[1.0, 0.7]), tmp_path / "in-memory")
+    model = compose(str(tiny_base), sfts, weights=[1.0, 0.7])
+    in_memory = export(model, tmp_path / "in-memory", sfts, [1.0, 0.7])
 
-    def weights(directory: Path) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        for file in sorted(directory.glob("*.safetensors")):
-            tensors.update(load_file(str(file)))
-        return tensors
-
-    a, b = weights(streamed), weights(in_memory)
+    a, b = _weights(streamed), _weights(in_memory)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert (shard == "100KB") == (streamed / "model.safetensors.index.json").exists()
     record = json.loads((streamed / COMPOSE_RECORD).read_text())
-    assert record["base_fingerprint"] == json.loads((in_memory / COMPOSE_RECORD).read_text())["base_fingerprint"]
-    predictions = pipeline("text-classification", model=str(streamed))(["baka lo mi"])
-    assert predictions[0]["label"] in LABELS
+    assert record == json.loads((in_memory / COMPOSE_RECORD).read_text())
+    assert [(p["kind"], p["weight"]) for p in record["sfts"]] == [("task", 1.0), ("language", 0.7)]
+    _assert_same_predictions(streamed, _in_memory_predictions(model, tiny_base))
 
 
 def test_streaming_export_refuses_a_mismatched_base_and_writes_nothing(other_base, sft_dirs, tmp_path):

@@ -21,11 +21,13 @@ import torch
 from cli_helpers import one_line_error
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-from sftkit.compose import compose, load_base
+from sftkit.artifact import LTSFT_FILE, SIDECAR_NAME
+from sftkit.base_model import load_base
+from sftkit.compose import compose
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.fingerprint import base_fingerprint
 from sftkit.interop import detect_format, export_sft, import_sft
-from sftkit.interop.ltsft import LTSFT_FILE, SIDECAR_NAME, convert_flat_indices, read_ltsft
+from sftkit.interop.ltsft import convert_flat_indices, read_ltsft
 from sftkit.params import head_parameters, maskable_parameters
 from sftkit.sft import SFTMetadata, SparseFineTuning
 

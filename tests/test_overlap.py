@@ -398,7 +398,7 @@ def test_plot_paths_are_checked(tmp_path):
 def populated(sftkit_home, tmp_path):
     """A registry with language SFTs ace and ban (version 1 lt-sft, version 2 = latest deftx), bjn, a task nli (same
     two versions) and an SFT of another base; returns their directories by name."""
-    from registry import Registry
+    from sftkit.registry import Registry
 
     specs = {
         "ace-lt": dict(seed=2, density=0.25, name="ace", method="lt-sft"),
@@ -421,7 +421,7 @@ def populated(sftkit_home, tmp_path):
 def run_cli(*args: str):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from sftkit.cli.main import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from registry_helpers import BACKENDS, backend_url, tiny_sft
 
-from registry import Registry, SFTRecord
-from registry.artifacts import hash_artifact
 from sftkit.errors import BadInputError, BaseMismatchError, NotFoundError, SftkitError
+from sftkit.registry import Registry, SFTRecord
+from sftkit.registry.artifacts import hash_artifact
 from sftkit.sft import SparseFineTuning
 
 

@@ -11,9 +11,9 @@ import pytest
 from registry_helpers import tiny_sft
 from typer.testing import CliRunner
 
-from cli.main import app
-from registry import Registry
+from sftkit.cli.main import app
 from sftkit.params import layer_of, module_of
+from sftkit.registry import Registry
 
 REPORT = [
     {"name": "encoder.layer.0.attention.self.query.weight", "shape": [4, 4], "rank": 2, "energy": 0.91, "kept": 1},
@@ -167,7 +167,7 @@ def test_db_status_and_upgrade(stocked):
     from alembic import command
     from alembic.config import Config
 
-    from registry.database import _MIGRATIONS
+    from sftkit.registry.database import _MIGRATIONS
 
     status = json.loads(run("db", "status", "--json").stdout)
     assert status["up_to_date"] and status["revision"] == status["head"]
@@ -192,7 +192,7 @@ def test_an_unreachable_database_is_one_line(sftkit_home):
 def test_registry_commands_never_import_torch(stocked):
     """They must start fast: no torch/transformers, not even for show's densities."""
     script = (
-        "import sys; from typer.testing import CliRunner; from cli.main import app\n"
+        "import sys; from typer.testing import CliRunner; from sftkit.cli.main import app\n"
         "for args in (['--help'], ['list'], ['show', 'task:sa'], ['show', 'id', '--json'], ['tag', 'ace', 'x'],\n"
         "             ['tag', 'ace', 'x', '--remove'], ['rm', 'lang:ace@1'], ['verify'], ['db', 'status']):\n"
         "    result = CliRunner().invoke(app, args)\n"

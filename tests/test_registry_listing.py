@@ -1,4 +1,4 @@
-"""The SQLAlchemy-free listing (``registry.listing``): the same records as ``Registry.find``, or a fallback."""
+"""The SQLAlchemy-free listing (``sftkit.registry.listing``): the same records as ``Registry.find``, or a fallback."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from registry_helpers import tiny_sft
 
-from registry import Registry
-from registry.listing import SORT_KEYS, SQLiteListing, open_listing
-from registry.location import SCHEMA_REVISIONS
 from sftkit.errors import BadInputError, SftkitError
+from sftkit.registry import Registry
+from sftkit.registry.listing import SQLiteListing, open_listing
+from sftkit.registry.location import SCHEMA_REVISIONS
+from sftkit.registry.query import SORT_KEYS
 
 ROOT = Path(__file__).parents[1]
 
@@ -108,7 +109,7 @@ def test_anything_but_a_current_sqlite_home_gets_the_full_registry(sftkit_home, 
 
 def test_sftkit_list_answers_without_importing_sqlalchemy(varied):
     script = (
-        "import sys; from typer.testing import CliRunner; from cli.main import app\n"
+        "import sys; from typer.testing import CliRunner; from sftkit.cli.main import app\n"
         "result = CliRunner().invoke(app, ['list', '--json', '--kind', 'task'])\n"
         "assert result.exit_code == 0, result.output\n"
         "print(result.stdout)\n"

@@ -17,9 +17,9 @@ import pytest
 import registry_workers
 from registry_helpers import backend_url, sft_dirs, tiny_sft
 
-from registry import Registry
-from registry.artifacts import hash_artifact
 from sftkit.errors import BadInputError, NotFoundError, SftkitError
+from sftkit.registry import Registry
+from sftkit.registry.artifacts import hash_artifact
 
 LANGUAGES = ("ace", "ban", "bjn", "min")
 
@@ -28,7 +28,7 @@ LANGUAGES = ("ace", "ban", "bjn", "min")
 def fork_server():
     """Children forked from a server that has already imported the registry (fast, torch-free)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["registry_workers", "registry.core"])
+    context.set_forkserver_preload(["registry_workers", "sftkit.registry.core"])
     return context
 
 
@@ -184,8 +184,8 @@ def test_a_damaged_artifact_does_not_block_the_others(stocked):
 _READ_ONLY_SCRIPT = textwrap.dedent(
     """
     import sys
-    from registry import Registry
-    from registry.listing import open_listing
+    from sftkit.registry import Registry
+    from sftkit.registry.listing import open_listing
     from sftkit.errors import BadInputError
     listing = open_listing(home=sys.argv[1])
     print("fast listing", type(listing).__name__, sorted(r.reference for r in listing.find()))

@@ -6,9 +6,9 @@ import pytest
 from registry_helpers import BACKENDS, backend_url, tiny_sft
 from sqlalchemy import create_engine, text
 
-from registry import Registry
-from registry.database import HEAD, SCHEMA_REVISIONS
 from sftkit.errors import BadInputError, SftkitError
+from sftkit.registry import Registry
+from sftkit.registry.database import HEAD, SCHEMA_REVISIONS
 
 
 @pytest.fixture(params=BACKENDS)
@@ -21,7 +21,7 @@ def url(request, sftkit_home):
 def alembic_config(connection):
     from alembic.config import Config
 
-    from registry.database import _MIGRATIONS
+    from sftkit.registry.database import _MIGRATIONS
 
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
@@ -41,7 +41,7 @@ def test_migrations_build_exactly_the_orm_schema(url, sftkit_home):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from registry.schema import Base
+    from sftkit.registry.schema import Base
 
     with Registry.open(home=sftkit_home, url=url) as registry:
         assert registry.find() == []  # first use creates the schema

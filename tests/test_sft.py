@@ -9,9 +9,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForMaskedLM
 
+from sftkit.artifact import CONFIG_NAME, WEIGHTS_NAME
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.params import head_parameters, maskable_parameters
-from sftkit.sft import CONFIG_NAME, WEIGHTS_NAME, SFTMetadata, SparseDelta, SparseFineTuning
+from sftkit.sft import SFTMetadata, SparseDelta, SparseFineTuning
 
 
 def random_sft(model, density: float = 0.05, seed: int = 0, kind: str = "language") -> SparseFineTuning:

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from sftkit import toy
-from sftkit.compose import compose, export, load_base
+from sftkit.base_model import load_base
+from sftkit.compose import compose, export
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.fingerprint import base_fingerprint
 from sftkit.params import head_parameters, maskable_parameters
@@ -205,7 +206,8 @@ def test_evaluate_a_composed_model_directory(runs, tiny_base, toy_languages, tmp
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
     language = runs["language", "deftx"][0].sft
     task = runs["task", "deftx"][0].sft
-    out = export(compose(str(tiny_base), [language, task]), tmp_path / "model", tokenizer=str(tiny_base))
+    sfts = [language, task]
+    out = export(compose(str(tiny_base), sfts), tmp_path / "model", sfts, tokenizer=str(tiny_base))
     rows = toy.labelled(toy_languages["ace"], 60, seed=3)
     data = toy.write_labelled_csv(tmp_path / "test.csv", rows)
     result = evaluate(out, data)

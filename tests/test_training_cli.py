@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from registry import Registry
 from sftkit import toy
+from sftkit.cli.main import app
+from sftkit.registry import Registry
 from sftkit.sft import SparseFineTuning
 from sftkit.training import evaluate
 
@@ -143,7 +143,7 @@ def test_train_and_eval_on_real_americasnli_files(sftkit_home, tiny_base):
 
 
 def test_interrupted_training_resumes_with_the_same_command(sftkit_home, tiny_base, files, monkeypatch):
-    from cli.commands import train as train_command
+    from sftkit.cli.commands import train as train_command
 
     args = ["train", "--task", "sa", "--train", str(files["train"]), "--base", str(tiny_base), *FAST]
     original_step = train_command._RichReporter.step

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from registry import Registry
 from sftkit import toy
+from sftkit.registry import Registry
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_two_cpu_processes_train_one_sft(tiny_base, toy_languages, tmp_path):
         "--no-python",
         sys.executable,
         "-c",
-        "from cli.main import main; main()",
+        "from sftkit.cli.main import main; main()",
         "train",
         "--lang",
         "ace",

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from sftkit import toy
-from sftkit.compose import compose, compose_to_directory, load_base
+from sftkit.base_model import load_base
+from sftkit.compose import compose, compose_to_directory
 from sftkit.errors import BadInputError
 from sftkit.params import encoder_of
 from sftkit.training import make_config, train

@@ -23,7 +23,7 @@ LR, WEIGHT_DECAY, L1, CLIP = 3e-3, 0.01, 0.1, 1.0
 def _model_and_batches(tiny_base, toy_languages, kind):
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, DataCollatorWithPadding
 
-    from sftkit.compose import load_base
+    from sftkit.base_model import load_base
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     torch.manual_seed(0)

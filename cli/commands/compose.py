@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from cli.context import console, err_console, load_sft, print_json, state
+from sftkit.cli.context import console, err_console, load_sft, print_json, state
 from sftkit.errors import BadInputError
 
 EXAMPLES = """

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 from rich.markup import escape
 
-from cli.context import console, err_console, print_json, resolve, state
+from sftkit.artifact import sft_name
+from sftkit.cli.context import console, err_console, print_json, resolve, state
 from sftkit.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def _register(
             source, overrides, base=base, revision=revision, prefix=prefix, decoder_as_embeddings=decoder_as_embeddings
         )
     meta = result.sft.metadata
-    if (meta.language if meta.kind == "language" else meta.task) is None:
+    if sft_name(meta.kind, meta.language, meta.task) is None:
         flag = "--lang" if meta.kind == "language" else "--task"
         raise BadInputError(f"the {meta.kind} SFT at {source} has no name: give {flag} NAME")
     if meta.kind == "task" and not meta.labels:

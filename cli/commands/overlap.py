@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.context import console, err_console, load_sft, print_json, state
+from sftkit.cli.context import console, err_console, load_sft, print_json, state
 from sftkit.errors import BadInputError
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """Registry commands: ``list``, ``show``, ``tag``, ``rm``, ``verify``, ``gc`` and ``db upgrade|status``.
 
-None of them imports torch: densities come from the safetensors header (``sftkit.inspect``).
+None of them imports torch: densities come from the safetensors header (``sftkit.artifact``, ``sftkit.density``).
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.context import console, err_console, print_json, progress, resolve, state
-from registry.listing import SORT_KEYS
+from sftkit.cli.context import console, err_console, print_json, progress, resolve, state
+from sftkit.registry.query import SORT_KEYS
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from registry import SFTRecord
+    from sftkit.registry import SFTRecord
 
 PANEL = "Registry"
 
@@ -163,13 +163,23 @@ def list_command(
         console.print(_records_table(records))
 
 
+def _schedule(trainer: dict[str, Any]) -> str | None:
+    """Steps per phase, batch × accumulation and precision, as the trainer recorded them."""
+    if "batch_size" not in trainer:
+        return None  # imported, or trained by an sftkit that did not record it
+    batch = f"batch {trainer['batch_size']} × {trainer.get('grad_accum', 1)} micro-batches"
+    steps = trainer.get("steps_per_phase")
+    return f"{steps} per phase, {batch}, {trainer.get('precision', 'fp32')}" if steps else batch
+
+
 def show_command(
     ctx: typer.Context,
     reference: Annotated[str, typer.Argument(help="SFT reference or directory.", show_default=False)],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON record with all metadata.")] = False,
 ) -> None:
     """Metadata, lineage, density per layer and module, and the per-matrix rank report of one SFT."""
-    from sftkit.inspect import density_by_layer, density_by_module, read_weights_summary
+    from sftkit.artifact import read_weights_summary
+    from sftkit.density import density_by_layer, density_by_module
 
     registry = state(ctx).registry()
     record = resolve(ctx, reference)
@@ -179,6 +189,7 @@ def show_command(
     dependents = registry.dependents(record) if registered else []
     by_layer, by_module = density_by_layer(record.path), density_by_module(record.path)
     heads = read_weights_summary(record.path).full_tensors
+    trainer = config.get("trainer") or {}
 
     if json_output:
         data = record.to_dict()
@@ -206,6 +217,8 @@ def show_command(
         ("k", _count(record.k)),
         ("entries", f"{record.num_entries:,}"),
         ("density", _percent(record.density)),
+        ("variant", trainer.get("variant") or "standard (both phases)"),
+        ("steps", _schedule(trainer)),
         ("labels", config.get("labels")),
         ("head", config.get("head_type")),
         ("dense tensors", f"{len(heads)} ({sum(math.prod(shape) for shape in heads.values()):,} entries)"),
@@ -253,8 +266,8 @@ def tag_command(
     remove: Annotated[bool, typer.Option("--remove", "-d", help="Remove the tag instead.")] = False,
 ) -> None:
     """Tag a version (tags are aliases: `ace@best`), or remove a tag with --remove."""
-    from registry.records import canonical_reference
     from sftkit.errors import NotFoundError
+    from sftkit.registry.records import canonical_reference
 
     registry = state(ctx).registry()
     if remove:

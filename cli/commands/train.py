@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.context import console, err_console, print_json, progress, resolve, state
+from sftkit.cli.context import console, err_console, print_json, progress, resolve, state
 from sftkit.errors import BadInputError
 
 if TYPE_CHECKING:
-    from registry import SFTRecord
+    from sftkit.registry import SFTRecord
 
 EXAMPLES_TRAIN = """
 [b]Examples[/b]
@@ -23,6 +23,13 @@ EXAMPLES_TRAIN = """
   sftkit train --lang ace --method lt-sft --k 2.8% --corpus ace.txt --base bert-base-multilingual-cased
   sftkit train --lang ace --recipe quick --base ./tiny --corpus ace.txt --no-register -o ace-sft/
   torchrun --nproc_per_node=4 --no-python sftkit train --lang ace --corpus ace.txt    [dim]# DDP[/dim]
+
+[b]The paper's variants[/b] (DEFT-X, Tables 4 and 5)
+
+  sftkit train --task sa --train smsa.tsv                       [dim]# w/o source-language initialisation[/dim]
+  sftkit train --lang ace --keep 0 --corpus ace.txt             [dim]# w/o higher-order components (L only)[/dim]
+  sftkit train --lang ace --no-sparse-phase --corpus ace.txt    [dim]# w/o sparse fine-tuning[/dim]
+  sftkit train --lang ace --no-sparse-phase --k all …           [dim]# w/o magnitude pruning + sparse FT[/dim]
 
 An interrupted run continues with the same command plus [b]--resume[/b]. Recipes: paper-lang, paper-sa,
 paper-nli (the paper's Appendix C) and quick (CPU smoke test); flags override any recipe value.
@@ -37,6 +44,7 @@ EXAMPLES_EVAL = """
 """
 
 _WHAT, _METHOD, _DATA, _SCHEDULE, _OUTPUT = "What to train", "Method", "Data", "Schedule (overrides)", "Output"
+_MODES = "Training modes (the paper's ablations, accumulation, precision)"
 
 
 class _RichReporter:
@@ -90,7 +98,7 @@ def _home(ctx: typer.Context) -> Path:
 
 
 def _source(ctx: typer.Context, reference: str) -> tuple[SFTRecord, Any, dict[str, Any]]:
-    from cli.commands.compose import qualify
+    from sftkit.cli.commands.compose import qualify
 
     record = resolve(ctx, qualify(reference, "lang"))
     if record.kind != "language":
@@ -138,13 +146,17 @@ def train_command(
     ] = None,
     keep: Annotated[
         float | None,
-        typer.Option(help="Share of the SVD residual kept per matrix (default 0.05).", rich_help_panel=_METHOD),
+        typer.Option(
+            help="Share of the SVD residual kept per matrix (default 0.05; 0 = the low-rank part only, the "
+            "paper's 'w/o higher-order components').",
+            rich_help_panel=_METHOD,
+        ),
     ] = None,
     k: Annotated[
         str | None,
         typer.Option(
             "--k",
-            help="Entries to tune: a count (7.6M) or a fraction of maskable entries (0.028, 2.8%).",
+            help="Entries to tune: a count (7.6M), a fraction of maskable entries (0.028, 2.8%) or all.",
             rich_help_panel=_METHOD,
         ),
     ] = None,
@@ -227,6 +239,31 @@ def train_command(
     device: Annotated[
         str | None, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1…", rich_help_panel=_SCHEDULE)
     ] = None,
+    sparse_phase: Annotated[
+        bool | None,
+        typer.Option(
+            "--sparse-phase/--no-sparse-phase",
+            help="--no-sparse-phase: φ = the (denoised) δ at the mask, no retraining (the paper's 'w/o sparse "
+            "fine-tuning'); with --k all, φ is the whole denoised δ.",
+            rich_help_panel=_MODES,
+        ),
+    ] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option(
+            "--grad-accum",
+            help="Micro-batches per optimiser step (both phases): an optimiser step sees batch-size × N examples.",
+            rich_help_panel=_MODES,
+        ),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="fp32 (default) | bf16 | fp16 (CUDA only): forward passes under torch.autocast; weights, δ, "
+            "masks and stored values stay float32.",
+            rich_help_panel=_MODES,
+        ),
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="Continue the interrupted run of this exact command.", rich_help_panel=_OUTPUT),
@@ -248,7 +285,7 @@ def train_command(
     Phase 1 fine-tunes fully, DEFT-X denoises δ and picks the k largest entries, phase 2 trains only \
 those (memory ∝ k). The result is registered and its reference printed.
     """
-    from registry.references import check_name
+    from sftkit.registry.references import check_name
 
     if (lang is None) == (task is None):
         raise BadInputError("give exactly one of --lang CODE (language SFT) or --task NAME (task SFT)")
@@ -290,6 +327,7 @@ those (memory ∝ k). The result is registered and its reference printed.
         rank=rank,
         keep=keep,
         k=k,
+        sparse_phase=sparse_phase,
         l1=l1,
         freeze_decoder=freeze_decoder,
         head_warmup_steps=head_warmup_steps,
@@ -307,6 +345,8 @@ those (memory ∝ k). The result is registered and its reference printed.
         warmup_ratio=warmup_ratio,
         seed=seed,
         device=device,
+        grad_accum=grad_accum,
+        precision=precision,
         **columns,
     )
     source_record, source_sft, lineage = _source(ctx, source_lang) if source_lang else (None, None, None)
@@ -343,7 +383,10 @@ those (memory ∝ k). The result is registered and its reference printed.
         err_console.print(
             f"trained {kind} SFT {name!r}: {sft.num_entries:,} entries "
             f"({sft.metadata.density:.2%} of {sft.metadata.maskable_entries:,}), method {config.method}, "
-            f"rank {config.rank}" + _language_summary(sft) + (f" → saved to {output}" if output else ""),
+            f"rank {config.rank}"
+            + (f", variant {config.variant!r}" if config.variant else "")
+            + _language_summary(sft)
+            + (f" → saved to {output}" if output else ""),
             highlight=False,
         )
     if no_register:
@@ -355,11 +398,10 @@ those (memory ∝ k). The result is registered and its reference printed.
 
 def _language_summary(sft: Any) -> str:
     """How a language SFT's MLM head was handled: the decoder and the head warm-up."""
-    from sftkit.compose import trained_with_frozen_decoder
 
     if sft.metadata.kind != "language":
         return ""
-    decoder = "frozen untied decoder" if trained_with_frozen_decoder(sft) else "tied decoder"
+    decoder = "frozen untied decoder" if sft.metadata.trained_with_frozen_decoder else "tied decoder"
     steps = ((sft.metadata.trainer or {}).get("head_warmup") or {}).get("steps") or 0
     return f", {decoder}, head warm-up {steps} steps" if steps else f", {decoder}"
 

@@ -1,10 +1,10 @@
-"""Alembic environment: migrates the connection handed over by ``registry.database.upgrade``."""
+"""Alembic environment: migrates the connection handed over by ``sftkit.registry.database.upgrade``."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from registry.schema import Base
+from sftkit.registry.schema import Base
 
 # Any 64-bit number unique to this application: serialises concurrent upgrades on PostgreSQL.
 _PG_UPGRADE_LOCK = 0x5F7C_0001

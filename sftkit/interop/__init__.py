@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sftkit.artifact import CONFIG_NAME, LTSFT_FILE, WEIGHTS_NAME
 from sftkit.errors import BadInputError, BaseMismatchError
-from sftkit.interop.ltsft import LTSFT_FILE, ReadResult, read_ltsft, write_ltsft
-from sftkit.sft import CONFIG_NAME, WEIGHTS_NAME, SFTMetadata, SparseFineTuning
+from sftkit.interop.ltsft import ReadResult, read_ltsft, write_ltsft
+from sftkit.sft import SFTMetadata, SparseFineTuning
 
 FORMATS = ("sftkit", "lt-sft")
 
@@ -41,7 +42,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 def _load_base(base: str, revision: str | None, notes: list[str]):
     """The base encoder, or None (with a note) when it cannot be loaded, e.g. a Hub id while offline."""
-    from sftkit.compose import load_base
+    from sftkit.base_model import load_base
 
     try:
         return load_base(base, "none", revision=revision)

@@ -39,15 +39,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from sftkit.artifact import CARD_NAME, LTSFT_FILE, SIDECAR_NAME
 from sftkit.atomic import atomic_directory
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.sft import SFTMetadata, SparseDelta, SparseFineTuning
 
-LTSFT_FILE = "pytorch_diff.bin"
-# Written next to pytorch_diff.bin by our export (composable-sft ignores it) so that a round trip through
-# the LT-SFT format keeps the metadata and the encoder prefix.
-SIDECAR_NAME = "sftkit_metadata.json"
-CARD_NAME = "README.md"
+# SIDECAR_NAME is written next to pytorch_diff.bin by our export (composable-sft ignores it) so that a
+# round trip through the LT-SFT format keeps the metadata and the encoder prefix.
 TIED_DECODERS = ("lm_head.decoder.weight", "cls.predictions.decoder.weight")
 WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 POOLER = "pooler."

@@ -16,19 +16,38 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sftkit.atomic import atomic_directory
 from sftkit.errors import BadInputError
 
 MANIFEST = "run.json"
+
+
+@contextmanager
+def _damaged_is_bad_input(directory: Path) -> Iterator[None]:
+    """A truncated or tampered file in the run directory: one clear error, not a library traceback."""
+    try:
+        yield
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInputError(
+            f"the run directory {directory} is damaged ({first}); start the run again without resume"
+        ) from exc
+
+
+def _as_json(data: Any) -> Any:
+    return json.loads(json.dumps(data, sort_keys=True, default=str))
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -55,14 +74,18 @@ class RunDirectory:
         if resume:
             if not existing.is_file():
                 raise BadInputError(f"nothing to resume in {self.path}: no interrupted run with these settings")
-            previous = json.loads(existing.read_text())
-            if json.loads(json.dumps(manifest, sort_keys=True, default=str)) != previous:
-                changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
+            with _damaged_is_bad_input(self.path):
+                previous = json.loads(existing.read_text())
+            current = _as_json(manifest)
+            if current != previous:
+                changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
                 raise BadInputError(
                     f"cannot resume the run in {self.path}: it was started with different {', '.join(changed)}"
                 )
             return True
         if self.writer:
+            if self.path.is_file() or (self.path.is_dir() and any(self.path.iterdir()) and not existing.is_file()):
+                raise BadInputError(f"{self.path} is not a run directory: choose an empty or new directory")
             if self.path.exists():
                 shutil.rmtree(self.path)
             self.path.mkdir(parents=True)
@@ -85,7 +108,8 @@ class RunDirectory:
             _atomic_tensors(self._phase(phase) / "best.safetensors", state)
 
     def load_best(self, phase: str) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path / phase / "best.safetensors"))
+        with _damaged_is_bad_input(self.path):
+            return load_file(str(self.path / phase / "best.safetensors"))
 
     def save_checkpoint(
         self,
@@ -109,10 +133,11 @@ class RunDirectory:
         directory = self.path / phase / "checkpoint"
         if not (directory / "progress.json").is_file():
             return None
-        state = load_file(str(directory / "state.safetensors"))
-        optimizer = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-        scheduler = torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True)
-        return state, optimizer, scheduler, json.loads((directory / "progress.json").read_text())
+        with _damaged_is_bad_input(self.path):
+            state = load_file(str(directory / "state.safetensors"))
+            optimizer = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+            scheduler = torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True)
+            return state, optimizer, scheduler, json.loads((directory / "progress.json").read_text())
 
     def mark_done(self, phase: str, summary: dict[str, Any]) -> None:
         if self.writer:
@@ -136,10 +161,12 @@ class RunDirectory:
         info_path = self.path / "selection.json"
         if not info_path.is_file():
             return None
-        info = json.loads(info_path.read_text())
-        shapes = info.pop("shapes")
+        with _damaged_is_bad_input(self.path):
+            info = json.loads(info_path.read_text())
+            shapes = info.pop("shapes")
+            stored = load_file(str(self.path / "selection.safetensors"))
         masks = {}
-        for name, indices in load_file(str(self.path / "selection.safetensors")).items():
+        for name, indices in stored.items():
             mask = torch.zeros(int(torch.Size(shapes[name]).numel()), dtype=torch.bool)
             mask[indices] = True
             masks[name] = mask.view(shapes[name])

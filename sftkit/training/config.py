@@ -11,16 +11,19 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from sftkit.artifact import sft_name
 from sftkit.errors import BadInputError
 
 KINDS = ("language", "task")
 METHODS = ("deftx", "lt-sft")
 METRICS = ("loss", "macro_f1", "accuracy")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SAMPLINGS = ("proportional", "uniform")
 # Automatic head warm-up length for a base without an MLM head (batch-size steps at head_warmup_lr).
 HEAD_WARMUP_STEPS = 200
 PAIR_TASKS = ("nli",)
 # Fields that act only after phase 1 (selection and what follows): they do not change θ1.
-SELECTION_FIELDS = ("method", "rank", "keep", "k", "recipe", "extra")
+SELECTION_FIELDS = ("method", "rank", "keep", "k", "sparse_phase", "recipe", "extra")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,10 @@ class TrainConfig:
     method: str = "deftx"
     rank: str = "90var"
     keep: float = 0.05
-    k: int | float | str = "7.6M"
+    k: int | float | str = "7.6M"  # a count, a fraction of the maskable entries, or "all"
+    # False: φ = the (denoised) δ at the mask, no retraining — the paper's "w/o sparse fine-tuning"
+    # ablation (Table 5); with k "all", φ is the denoised δ itself ("w/o magnitude pruning + sparse FT").
+    sparse_phase: bool = True
     # Data: paths or ``hf:owner/name[:config][@split]``; columns for CSV/TSV/JSONL.
     train: str | None = None
     validation: str | None = None
@@ -52,7 +58,8 @@ class TrainConfig:
     max_steps: int | None = None
     min_steps: int = 0
     eval_steps: int = 1000
-    batch_size: int = 8
+    batch_size: int = 8  # per micro-batch; an optimiser step sees batch_size × grad_accum examples
+    grad_accum: int = 1
     eval_batch_size: int = 32
     max_length: int = 256
     lr: float = 5e-5
@@ -72,6 +79,9 @@ class TrainConfig:
     metric: str | None = None
     seed: int = 42
     device: str = "auto"
+    # Forward passes under torch.autocast in bf16 or fp16 (fp16: CUDA only, with a gradient scaler);
+    # master weights, δ, masks and stored values stay float32.
+    precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,7 +92,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ derived values
     @property
     def name(self) -> str:
-        return (self.language if self.kind == "language" else self.task) or ""
+        return sft_name(self.kind, self.language, self.task) or ""
 
     @property
     def is_pair(self) -> bool | None:
@@ -144,8 +154,12 @@ class TrainConfig:
                 "DEFT-X needs a rank such as '90var' or '100'"
             )
         self._check_method_specs()
-        if not 0.0 < self.keep <= 1.0:
-            raise BadInputError(f"keep must be a fraction in (0, 1], not {self.keep}")
+        if not 0.0 <= self.keep <= 1.0:
+            raise BadInputError(f"keep must be a fraction in [0, 1], not {self.keep}")
+        if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise BadInputError(f"grad_accum must be a positive whole number of micro-batches, not {self.grad_accum!r}")
+        if self.precision not in PRECISIONS:
+            raise BadInputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.metric is not None and self.metric not in METRICS:
             raise BadInputError(f"metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
         if self.kind == "language" and self.best_metric != "loss":
@@ -190,13 +204,30 @@ class TrainConfig:
         except ValueError as exc:
             raise BadInputError(str(exc)) from None
         if isinstance(self.k, str):
-            deftx.parse_k(self.k)
+            if self.k.strip().lower() != "all":
+                deftx.parse_k(self.k)
         elif isinstance(self.k, bool) or not self.k > 0:
             raise BadInputError(f"k must be a positive count or a fraction in (0, 1), not {self.k!r}")
 
+    @property
+    def variant(self) -> str | None:
+        """Which of the DEFT-X paper's ablations (Table 5) this run is, if any."""
+        if not self.sparse_phase:
+            if str(self.k).strip().lower() == "all":
+                return "w/o magnitude pruning + sparse fine-tuning"
+            return "w/o sparse fine-tuning"
+        if self.method == "deftx" and self.keep == 0:
+            return "w/o higher-order components"
+        return None
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Examples per optimiser step."""
+        return self.batch_size * self.grad_accum
+
     def total_steps(self, examples: int) -> int:
         """Optimiser steps of one phase for ``examples`` training examples (LT-SFT's rule)."""
-        per_epoch = -(-examples // self.batch_size)
+        per_epoch = -(-examples // self.effective_batch_size)
         steps = max(round(self.epochs * per_epoch), self.min_steps, 1)
         return min(steps, self.max_steps) if self.max_steps is not None else steps
 

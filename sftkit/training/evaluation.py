@@ -1,8 +1,12 @@
-"""Classification scores (macro-F1, accuracy, per class) of a model on labelled data.
+"""Classification scores (macro-F1, accuracy, per class) of a model on labelled data; token-task scores.
 
 Scores come from a confusion matrix, which sums across processes in a distributed run and is all a
 checkpoint choice needs. Macro-F1 averages over the labels that occur in the gold labels or the
 predictions (scikit-learn's convention), with F1 = 0 for a label never predicted correctly.
+
+Token tasks (NER, POS) do the same with the count table of :mod:`sftkit.training.token_metrics`:
+:func:`tag_counts_of` (summable) then ``token_metrics.tag_scores``; :func:`evaluate_tagger` scores a
+token-classification model on a CoNLL / JSONL file.
 """
 
 from __future__ import annotations
@@ -122,3 +126,84 @@ def evaluate(
     items.sort(key=lambda item: len(item["input_ids"]))  # less padding; the confusion matrix ignores order
     batches = (collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size))
     return scores(confusion_of(model, batches, len(labels)), labels)
+
+
+@torch.no_grad()
+def tag_counts_of(model: Any, batches: Iterable[dict[str, torch.Tensor]], labels: Sequence[str]) -> torch.Tensor:
+    """Token-task count table (``token_metrics.tag_counts``) of ``model``'s argmax predictions on collated
+    ``tokenize_tagged`` batches, read at the first sub-token of each word; sums across processes."""
+    from sftkit.training.token_metrics import count_classes, tag_counts, word_tags
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(len(count_classes(labels)) + 1, 3, dtype=torch.long)
+    for batch in batches:
+        inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+        predicted = model(**inputs).logits.argmax(dim=-1).cpu()
+        counts += tag_counts(*word_tags(predicted, batch["labels"], labels), labels)
+    model.train(was_training)
+    return counts
+
+
+def evaluate_tagger(
+    model_or_dir: Any,
+    data: str | os.PathLike[str] | Sequence[Any],
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    device: str = "auto",
+    tokens_key: str = "tokens",
+    tags_key: str = "tags",
+) -> dict[str, Any]:
+    """Score a token classifier (NER: entity F1 …; POS: accuracy …) on a CoNLL-style or JSONL file.
+
+    Tags come from the model's ``id2label``; a data tag outside it is an error naming the line. Every word
+    of the data is scored: a word that got no prediction (cut off at ``max_length``) counts as ``O`` (NER)
+    or wrong (POS), and ``"unpredicted_words"`` says how many there were.
+    """
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from sftkit.training.features import labelled_words, make_collator, tokenize_tagged
+    from sftkit.training.token_data import load_tagged
+    from sftkit.training.token_metrics import tag_counts, tag_scores, word_tags
+
+    if isinstance(model_or_dir, str | os.PathLike):
+        directory = Path(model_or_dir)
+        if not (directory / "config.json").is_file():
+            raise BadInputError(f"{directory} is not a model directory (no config.json)")
+        model = AutoModelForTokenClassification.from_pretrained(directory)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
+    else:
+        model = model_or_dir
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.config.name_or_path)
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    id2label = {int(i): str(label) for i, label in model.config.id2label.items()}
+    labels = [id2label[i] for i in range(len(id2label))]
+    sentences = load_tagged(data, labels, tokens_key=tokens_key, tags_key=tags_key).sentences
+    length = max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
+    items = tokenize_tagged(tokenizer, sentences, {label: i for i, label in enumerate(labels)}, length)
+    positions = labelled_words(tokenizer, sentences, length)
+    collate = make_collator("tagging", tokenizer, 0.0)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))  # less padding
+    predicted: list[list[str | None]] = [[None] * len(sentence.words) for sentence in sentences]
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            batch = collate([items[i] for i in chosen])
+            inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+            _, tags = word_tags(model(**inputs).logits.argmax(dim=-1).cpu(), batch["labels"], labels)
+            for index, sentence_tags in zip(chosen, tags, strict=True):
+                for word, tag in zip(positions[index], sentence_tags, strict=True):
+                    predicted[index][word] = tag
+    model.train(was_training)
+    result = tag_scores(tag_counts([s.tags for s in sentences], predicted, labels), labels)
+    result["unpredicted_words"] = sum(tags.count(None) for tags in predicted)
+    return result

@@ -1,5 +1,9 @@
 """From texts to batches: tokenisation, the held-out split, the batch order and the collators.
 
+Token tasks (NER, POS) tokenise pre-split words with a fast tokenizer and label only the first sub-token
+of each word; continuation sub-tokens, special tokens and padding carry ``-100`` (ignored by the loss and
+the metrics), so one prediction per word is read back at exactly those positions.
+
 The batch order is a pure function of (seed, step), so a resumed run sees exactly the batches the
 interrupted one would have, and every process of a distributed run takes its own slice of the same
 global batch.
@@ -15,6 +19,7 @@ import torch
 
 from sftkit.errors import BadInputError
 from sftkit.training.data import LabelledExample
+from sftkit.training.token_data import TaggedSentence
 
 Item = dict[str, Any]
 
@@ -43,6 +48,72 @@ def tokenize_labelled(
         {"input_ids": ids, "attention_mask": mask, "labels": label2id[example.label]}
         for ids, mask, example in zip(encoded["input_ids"], encoded["attention_mask"], examples, strict=True)
     ]
+
+
+IGNORE = -100  # the label of positions that are not a word's first sub-token
+
+
+def tokenize_tagged(
+    tokenizer: Any, sentences: Sequence[TaggedSentence], label2id: dict[str, int], max_length: int
+) -> list[Item]:
+    """One item per sentence: ``labels`` holds the tag id at each word's first sub-token, ``-100`` elsewhere.
+
+    Sentences longer than ``max_length`` tokens are truncated: their last words get no label (no prediction).
+    """
+    encoded = _encode_words(tokenizer, sentences, max_length)
+    items = []
+    for index, sentence in enumerate(sentences):
+        labels = []
+        for word in _first_subtokens(encoded.word_ids(index)):
+            if word is None:
+                labels.append(IGNORE)
+                continue
+            tag = sentence.tags[word]
+            if tag not in label2id:
+                raise BadInputError(
+                    f"sentence {index + 1}: tag {tag!r} is not one of the labels ({', '.join(label2id)})"
+                )
+            labels.append(label2id[tag])
+        items.append(
+            {
+                "input_ids": encoded["input_ids"][index],
+                "attention_mask": encoded["attention_mask"][index],
+                "labels": labels,
+            }
+        )
+    return items
+
+
+def labelled_words(tokenizer: Any, sentences: Sequence[TaggedSentence], max_length: int) -> list[list[int]]:
+    """Per sentence, the index of the word at each labelled position of :func:`tokenize_tagged`, in order.
+
+    Words missing from it got no prediction: cut off by truncation, or tokenised to nothing.
+    """
+    encoded = _encode_words(tokenizer, sentences, max_length)
+    return [
+        [word for word in _first_subtokens(encoded.word_ids(index)) if word is not None]
+        for index in range(len(sentences))
+    ]
+
+
+def _encode_words(tokenizer: Any, sentences: Sequence[TaggedSentence], max_length: int) -> Any:
+    if not getattr(tokenizer, "is_fast", False):
+        raise BadInputError(
+            f"token tasks need a fast tokenizer (word alignment via word_ids()), got {type(tokenizer).__name__}"
+        )
+    return tokenizer(
+        [sentence.words for sentence in sentences], is_split_into_words=True, truncation=True, max_length=max_length
+    )
+
+
+def _first_subtokens(word_ids: Sequence[int | None]) -> list[int | None]:
+    """The word index at each word's first sub-token, ``None`` at special tokens and continuations."""
+    firsts: list[int | None] = []
+    previous = None
+    for word in word_ids:
+        firsts.append(word if word is not None and word != previous else None)
+        previous = word
+    return firsts
 
 
 def holdout_split(items: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -83,12 +154,20 @@ class BatchOrder:
 def make_collator(kind: str, tokenizer: Any, mlm_probability: float, seed: int | None = None) -> Any:
     """MLM masking (15 % by default) for language SFTs, dynamic padding for task SFTs.
 
+    ``kind="tagging"`` (token tasks) also pads ``labels`` with ``-100``.
+
     ``seed=None`` draws masks from torch's global generator, which the trainer reseeds every step.
     """
-    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        DataCollatorForTokenClassification,
+        DataCollatorWithPadding,
+    )
 
     if kind == "language":
         return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
+    if kind == "tagging":
+        return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE)
     return DataCollatorWithPadding(tokenizer)
 
 

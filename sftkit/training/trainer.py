@@ -20,24 +20,26 @@ from __future__ import annotations
 import gc
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from sftkit.compose import load_base_reporting, quiet_transformers, untie_decoder
+from sftkit.base_model import load_base_reporting, quiet_transformers, untie_decoder
 from sftkit.errors import BadInputError, BaseMismatchError, SftkitError
 from sftkit.fingerprint import base_fingerprint
-from sftkit.params import encoder_of, is_maskable_name, maskable_parameters
-from sftkit.sft import SFTMetadata, SparseFineTuning
+from sftkit.params import encoder_of, head_parameters, is_maskable_name, maskable_parameters
+from sftkit.sft import SFTMetadata, SparseDelta, SparseFineTuning
 from sftkit.training.checkpoint import RunDirectory
 from sftkit.training.config import HEAD_WARMUP_STEPS, TrainConfig
 from sftkit.training.data import Corpus, LabelledData, load_corpus, load_labelled
 from sftkit.training.distributed import Dist
 from sftkit.training.evaluation import confusion_of, scores
 from sftkit.training.features import (
+    IGNORE,
     BatchOrder,
     fixed_batches,
     holdout_split,
@@ -45,7 +47,7 @@ from sftkit.training.features import (
     tokenize_corpus,
     tokenize_labelled,
 )
-from sftkit.training.full_phase_cache import FullPhaseCache, cache_key
+from sftkit.training.full_phase_cache import FullPhase, FullPhaseCache, cache_key
 from sftkit.training.mlm import masked_lm_loss, warm_up_head
 from sftkit.training.optim import RowSparseAdamW, clip_grad_norm_
 from sftkit.training.sparse import SparseUpdater, unique_head_parameters
@@ -131,14 +133,140 @@ def train(
     """
     dist = Dist.from_environment()
     try:
-        run = _Run(config, dist, reporter if (reporter is not None and dist.is_main) else NullReporter())
-        run.full_cache = FullPhaseCache(full_phase_cache) if full_phase_cache is not None else None
-        result = run.execute(train_data, validation_data, source, source_lineage, work_dir, resume, keep_work_dir)
+        run = _Run.set_up(
+            config,
+            dist,
+            reporter if (reporter is not None and dist.is_main) else NullReporter(),
+            (train_data, validation_data),
+            source,
+            source_lineage,
+            work_dir,
+            resume,
+            FullPhaseCache(full_phase_cache) if full_phase_cache is not None else None,
+        )
+        sft = run.execute()
+        if work_dir is None or not keep_work_dir:
+            run.run_dir.remove()
     except BaseException:
         dist.close(synchronise=False)
         raise
     dist.close()
-    return result
+    return TrainResult(sft, run.model, run.tokenizer, sft.metadata.metrics)
+
+
+@dataclass(frozen=True)
+class _LoadedData:
+    train_items: list[dict[str, Any]]
+    validation_items: list[dict[str, Any]]
+    labels: list[str] | None
+    record: dict[str, Any]
+
+
+def _load_tokenizer(config: TrainConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs = {"revision": config.base_revision} if config.base_revision else {}
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(config.base_model, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(
+            f"cannot load the tokenizer of base model {config.base_model!r}: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def _load_data(config: TrainConfig, tokenizer: Any, train_data: Any, validation_data: Any) -> _LoadedData:
+    """Read and tokenise the training data and the validation data (given, or held out of training)."""
+    cfg = config
+    train_source = train_data if train_data is not None else cfg.train
+    if train_source is None:
+        raise BadInputError(f"no training data: pass {'--corpus' if cfg.kind == 'language' else '--train'} FILE")
+    validation_source = validation_data if validation_data is not None else cfg.validation
+    length = cfg.max_length
+    labels: list[str] | None = None
+    if cfg.kind == "language":
+        corpus = load_corpus(train_source, cfg.text_column)
+        held: Corpus | None = None
+        if validation_source is not None:
+            held = load_corpus(validation_source, cfg.text_column)
+            train_texts, held_texts = corpus.texts, held.texts
+        else:
+            train_texts, held_texts = holdout_split(corpus.texts, cfg.holdout, cfg.seed)
+        train_items = tokenize_corpus(tokenizer, train_texts, length)
+        validation_items = tokenize_corpus(tokenizer, held_texts, length)
+        record = {"train": corpus.describe(), "validation": held.describe() if held else None}
+    else:
+        options = {
+            "text_column": cfg.text_column,
+            "text_pair_column": cfg.text_pair_column,
+            "label_column": cfg.label_column,
+        }
+        labelled: LabelledData = load_labelled(train_source, pair=cfg.is_pair, labels=cfg.labels, **options)
+        labels = list(cfg.labels) if cfg.labels else labelled.labels
+        if len(labels) < 2:
+            raise BadInputError(f"{labelled.source}: only one label ({labels[0]}); a classifier needs two")
+        label2id = {label: i for i, label in enumerate(labels)}
+        held_data = None
+        if validation_source is not None:
+            held_data = load_labelled(validation_source, pair=labelled.pair, labels=labels, **options)
+            train_examples, held_examples = labelled.examples, held_data.examples
+        else:
+            train_examples, held_examples = holdout_split(labelled.examples, cfg.holdout, cfg.seed)
+        train_items = tokenize_labelled(tokenizer, train_examples, label2id, length)
+        validation_items = tokenize_labelled(tokenizer, held_examples, label2id, length)
+        record = {"train": labelled.describe(), "validation": held_data.describe() if held_data else None}
+    if record["validation"] is None:
+        record["validation"] = {"held_out_of_train": cfg.holdout}
+    if not train_items or not validation_items:
+        raise BadInputError("the data is too small to form training and validation batches")
+    return _LoadedData(train_items, validation_items, labels, record)
+
+
+@dataclass(frozen=True)
+class _StartModel:
+    model: nn.Module
+    base_fingerprint: str
+    head: list[tuple[str, nn.Parameter]]
+    fresh_head: list[str]
+    head_warmup_steps: int
+    maskable_entries: int
+    k: int
+
+
+def _load_model(
+    config: TrainConfig, device: torch.device, labels: list[str] | None, source: SparseFineTuning | None
+) -> _StartModel:
+    """θ_start: θ0 with the job's head (decoder untied and frozen for MLM), plus φ_source for a task SFT."""
+    cfg, language_mode = config, config.kind == "language"
+    torch.manual_seed(cfg.seed)  # the classifier head's initialisation
+    with quiet_transformers():
+        model, missing = load_base_reporting(cfg.base_model, HEAD_TYPES[cfg.kind], labels, cfg.base_revision)
+    model = model.to(device)
+    fingerprint = base_fingerprint(model)
+    prefix = f"{model.base_model_prefix}."
+    # Head weights the checkpoint lacked: a sentence encoder (mE5, MiniLM) loaded with a fresh MLM head.
+    fresh_head = [name for name in missing if not name.startswith(prefix)]
+    frozen = untie_decoder(model, freeze=True) if language_mode and cfg.freeze_decoder else None
+    head = [(name, p) for name, p in unique_head_parameters(model) if p is not frozen]
+    if language_mode and cfg.head_warmup_steps is None:
+        warmup_steps = HEAD_WARMUP_STEPS if fresh_head else 0
+    else:
+        warmup_steps = cfg.head_warmup_steps or 0
+    if source is not None:
+        if language_mode:
+            raise BadInputError("a source-language SFT only applies to task SFTs")
+        if source.metadata.kind != "language":
+            raise BadInputError("the source SFT must be a language SFT")
+        theirs = source.metadata.base_fingerprint
+        if theirs is not None and theirs != fingerprint:
+            raise BaseMismatchError(
+                f"source-language SFT {source.metadata.name!r} was trained on base "
+                f"{source.metadata.base_model!r}, not on {cfg.base_model!r}"
+            )
+        source.apply(model, with_head=False)
+    maskable_entries = sum(param.numel() for _, param in maskable_parameters(model))
+    k = resolve_k(cfg.k, maskable_entries)
+    return _StartModel(model, fingerprint, head, fresh_head, warmup_steps, maskable_entries, k)
 
 
 def _step_seed(seed: int, phase: int, rank: int, step: int) -> int:
@@ -146,9 +274,11 @@ def _step_seed(seed: int, phase: int, rank: int, step: int) -> int:
 
 
 def resolve_k(k: int | float | str, maskable_entries: int) -> int:
-    """A count (``7600000``, ``"7.6M"``) or a fraction of the maskable entries (``0.028``) → a count."""
+    """A count (``7600000``, ``"7.6M"``), a fraction of the maskable entries (``0.028``) or ``"all"`` → a count."""
     from sftkit.deftx import parse_k
 
+    if isinstance(k, str) and k.strip().lower() == "all":
+        return maskable_entries
     value = parse_k(k) if isinstance(k, str) else k
     count = round(value * maskable_entries) if isinstance(value, float) and value < 1 else int(value)
     if not 1 <= count <= maskable_entries:
@@ -307,111 +437,113 @@ class _SparsePhase:
         self.updater.close()
 
 
+@dataclass
 class _Run:
-    def __init__(self, config: TrainConfig, dist: Dist, reporter: Reporter) -> None:
-        self.config = config
-        self.dist = dist
-        self.reporter = reporter
-        self.device = dist.device(config.device)
-        self.language_mode = config.kind == "language"
-        self.full_cache: FullPhaseCache | None = None
+    """Everything one training run holds, built by ``_Run.set_up`` before its first step."""
 
-    # ------------------------------------------------------------------ setup
-    def _load_tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
+    config: TrainConfig
+    dist: Dist
+    reporter: Reporter
+    device: torch.device
+    language_mode: bool  # MLM on raw text (a language SFT) or classification (a task SFT)
+    tokenizer: Any
+    train_items: list[dict[str, Any]]  # tokenised examples
+    validation_items: list[dict[str, Any]]
+    validation_batches: list[dict[str, torch.Tensor]]  # collated once: the same batches at every evaluation
+    labels: list[str] | None  # a task's label names, in id order
+    data_record: dict[str, Any]  # what the data was (sft_config.json's ``data``)
+    collate: Any  # examples → a batch (MLM masking drawn from the step's seed)
+    order: BatchOrder  # which examples each step of this process trains on
+    total_steps: int  # per phase
+    model: nn.Module  # θ_start: θ0 (+ φ_source for a task SFT), moved to ``device``
+    base_fingerprint: str  # θ0's, before any source SFT was applied
+    head: list[tuple[str, nn.Parameter]]  # trained fully (not a frozen decoder)
+    fresh_head: list[str]  # head weights the checkpoint lacked
+    head_warmup_steps: int
+    lineage: dict[str, Any] | None  # the source SFT's reference, sha256 and language
+    source_digest: str | None  # the source SFT's content (part of the full-phase cache key)
+    maskable_entries: int
+    k: int  # entries to select
+    run_dir: RunDirectory  # checkpoints, best states, the selection
+    resuming: bool
+    full_cache: FullPhaseCache | None
+    # Filled in as the run goes on:
+    head_warmup: dict[str, Any] = field(default_factory=dict)  # the warm-up's record
 
-        kwargs = {"revision": self.config.base_revision} if self.config.base_revision else {}
-        try:
-            with quiet_transformers():
-                return AutoTokenizer.from_pretrained(self.config.base_model, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise BadInputError(
-                f"cannot load the tokenizer of base model {self.config.base_model!r}: {str(exc).splitlines()[0]}"
-            ) from exc
+    @classmethod
+    def set_up(
+        cls,
+        config: TrainConfig,
+        dist: Dist,
+        reporter: Reporter,
+        data: tuple[Any, Any],
+        source: SparseFineTuning | None,
+        lineage: dict[str, Any] | None,
+        work_dir: str | Path | None,
+        resume: bool,
+        full_cache: FullPhaseCache | None,
+    ) -> _Run:
+        """Load the tokenizer, the data and θ_start, and open the run directory."""
+        device = dist.device(config.device)
+        if config.precision == "fp16" and device.type != "cuda":
+            raise BadInputError(f"precision fp16 needs a CUDA GPU (this run is on {device.type}): use bf16 or fp32")
+        tokenizer = _load_tokenizer(config)
+        loaded = _load_data(config, tokenizer, *data)
+        if source is not None and lineage is None:
+            lineage = {"reference": None, "sha256": None, "language": source.metadata.language}
+        start = _load_model(config, device, loaded.labels, source)
+        # Task validation sorted by length (less padding; the metrics ignore order); MLM blocks are equal.
+        language_mode = config.kind == "language"
+        held = loaded.validation_items if language_mode else sorted(loaded.validation_items, key=_length)
+        validation_collate = make_collator(config.kind, tokenizer, config.mlm_probability, seed=config.seed)
+        if work_dir is None and resume:
+            raise BadInputError("resume needs the run directory of the interrupted run (work_dir)")
+        directory = str(work_dir) if work_dir else None
+        if directory is None and dist.is_main:
+            directory = tempfile.mkdtemp(prefix="sftkit-run-")
+        run_dir = RunDirectory(dist.broadcast(directory), writer=dist.is_main)
+        manifest = {
+            "config": config.to_dict(),
+            "data": loaded.record,
+            "source_sft": lineage if source is not None else None,
+            "world_size": dist.world,
+        }
+        resuming = run_dir.start(manifest, resume)
+        dist.barrier()
+        if resuming:
+            reporter.note(f"resuming the run in {run_dir.path}")
+        return cls(
+            config=config,
+            dist=dist,
+            reporter=reporter,
+            device=device,
+            language_mode=language_mode,
+            tokenizer=tokenizer,
+            train_items=loaded.train_items,
+            validation_items=loaded.validation_items,
+            validation_batches=fixed_batches(held, validation_collate, config.eval_batch_size),
+            labels=loaded.labels,
+            data_record=loaded.record,
+            collate=make_collator(config.kind, tokenizer, config.mlm_probability),
+            order=BatchOrder(len(loaded.train_items), config.effective_batch_size, config.seed, dist.rank, dist.world),
+            total_steps=config.total_steps(len(loaded.train_items)),
+            model=start.model,
+            base_fingerprint=start.base_fingerprint,
+            head=start.head,
+            fresh_head=start.fresh_head,
+            head_warmup_steps=start.head_warmup_steps,
+            lineage=lineage if source is not None else None,
+            source_digest=source.delta_digest() if source is not None else None,
+            maskable_entries=start.maskable_entries,
+            k=start.k,
+            run_dir=run_dir,
+            resuming=resuming,
+            full_cache=full_cache,
+        )
 
-    def _load_data(self, train_data: Any, validation_data: Any) -> None:
-        cfg = self.config
-        train_source = train_data if train_data is not None else cfg.train
-        if train_source is None:
-            flag = "--corpus" if self.language_mode else "--train"
-            raise BadInputError(f"no training data: pass {flag} FILE")
-        validation_source = validation_data if validation_data is not None else cfg.validation
-        tokenizer, length = self.tokenizer, cfg.max_length
-        if self.language_mode:
-            corpus = load_corpus(train_source, cfg.text_column)
-            if validation_source is not None:
-                held: Corpus = load_corpus(validation_source, cfg.text_column)
-                train_texts, held_texts = corpus.texts, held.texts
-            else:
-                held = None
-                train_texts, held_texts = holdout_split(corpus.texts, cfg.holdout, cfg.seed)
-            self.train_items = tokenize_corpus(tokenizer, train_texts, length)
-            self.validation_items = tokenize_corpus(tokenizer, held_texts, length)
-            self.labels: list[str] | None = None
-            self.data_record = {"train": corpus.describe(), "validation": held.describe() if held else None}
-        else:
-            options = {
-                "text_column": cfg.text_column,
-                "text_pair_column": cfg.text_pair_column,
-                "label_column": cfg.label_column,
-            }
-            labelled: LabelledData = load_labelled(train_source, pair=cfg.is_pair, labels=cfg.labels, **options)
-            self.labels = list(cfg.labels) if cfg.labels else labelled.labels
-            if len(self.labels) < 2:
-                raise BadInputError(f"{labelled.source}: only one label ({self.labels[0]}); a classifier needs two")
-            label2id = {label: i for i, label in enumerate(self.labels)}
-            held_data = None
-            if validation_source is not None:
-                held_data = load_labelled(validation_source, pair=labelled.pair, labels=self.labels, **options)
-                train_examples, held_examples = labelled.examples, held_data.examples
-            else:
-                train_examples, held_examples = holdout_split(labelled.examples, cfg.holdout, cfg.seed)
-            self.train_items = tokenize_labelled(tokenizer, train_examples, label2id, length)
-            self.validation_items = tokenize_labelled(tokenizer, held_examples, label2id, length)
-            self.data_record = {
-                "train": labelled.describe(),
-                "validation": held_data.describe() if held_data else None,
-            }
-        if self.data_record["validation"] is None:
-            self.data_record["validation"] = {"held_out_of_train": cfg.holdout}
-        if not self.train_items or not self.validation_items:
-            raise BadInputError("the data is too small to form training and validation batches")
-
-    def _load_model(self, source: SparseFineTuning | None) -> None:
-        cfg = self.config
-        torch.manual_seed(cfg.seed)  # the classifier head's initialisation
-        with quiet_transformers():
-            model, missing = load_base_reporting(cfg.base_model, HEAD_TYPES[cfg.kind], self.labels, cfg.base_revision)
-        self.model = model.to(self.device)
-        self.base_fingerprint = base_fingerprint(self.model)
-        prefix = f"{self.model.base_model_prefix}."
-        # Head weights the checkpoint lacked: a sentence encoder (mE5, MiniLM) loaded with a fresh MLM head.
-        self.fresh_head = [name for name in missing if not name.startswith(prefix)]
-        frozen = untie_decoder(self.model, freeze=True) if self.language_mode and cfg.freeze_decoder else None
-        self.head = [(name, p) for name, p in unique_head_parameters(self.model) if p is not frozen]
-        if self.language_mode and cfg.head_warmup_steps is None:
-            self.head_warmup_steps = HEAD_WARMUP_STEPS if self.fresh_head else 0
-        else:
-            self.head_warmup_steps = cfg.head_warmup_steps or 0
-        if source is not None:
-            if self.language_mode:
-                raise BadInputError("a source-language SFT only applies to task SFTs")
-            if source.metadata.kind != "language":
-                raise BadInputError("the source SFT must be a language SFT")
-            theirs = source.metadata.base_fingerprint
-            if theirs is not None and theirs != self.base_fingerprint:
-                raise BaseMismatchError(
-                    f"source-language SFT {source.metadata.name!r} was trained on base "
-                    f"{source.metadata.base_model!r}, not on {self.config.base_model!r}"
-                )
-            source.apply(self.model, with_head=False)
-        self.source_digest = source.delta_digest() if source is not None else None
-        self.maskable_entries = sum(param.numel() for _, param in maskable_parameters(self.model))
-        self.k = resolve_k(self.config.k, self.maskable_entries)
-
-    def _capture_start(self) -> None:
-        """θ_start of the encoder and the head as it enters phase 1 (after any warm-up)."""
-        self.start_state = {
+    def _capture_start(self) -> dict[str, torch.Tensor]:
+        """θ_start of the encoder and the head as it enters phase 1 (after any warm-up), on the CPU."""
+        return {
             **{f"enc::{name}": p.detach().cpu().clone() for name, p in maskable_parameters(self.model)},
             **{f"head::{name}": p.detach().cpu().clone() for name, p in self.head},
         }
@@ -419,7 +551,7 @@ class _Run:
     def _warm_up_head(self) -> None:
         """Fit a fresh MLM head with the encoder frozen, so phase 1's δ holds no head-fitting noise."""
         steps = self.head_warmup_steps
-        self.head_warmup: dict[str, Any] = {"steps": steps, "fresh_head_weights": self.fresh_head}
+        self.head_warmup = {"steps": steps, "fresh_head_weights": self.fresh_head}
         if not steps:
             return
         cfg = self.config
@@ -438,130 +570,95 @@ class _Run:
         self.reporter.phase_finished("head warm-up", {"steps": steps, "first_loss": losses[0], "loss": losses[-1]})
 
     # ------------------------------------------------------------------ the run
-    def execute(
-        self,
-        train_data: Any,
-        validation_data: Any,
-        source: SparseFineTuning | None,
-        lineage: dict[str, Any] | None,
-        work_dir: str | Path | None,
-        resume: bool,
-        keep_work_dir: bool,
-    ) -> TrainResult:
-        cfg = self.config
-        self.tokenizer = self._load_tokenizer()
-        self._load_data(train_data, validation_data)
-        if source is not None and lineage is None:
-            lineage = {"reference": None, "sha256": None, "language": source.metadata.language}
-        self.lineage = lineage if source is not None else None
-        self._load_model(source)
-        self.collate = make_collator(cfg.kind, self.tokenizer, cfg.mlm_probability)
-        # Task validation sorted by length (less padding; the metrics ignore order); MLM blocks are equal.
-        held = self.validation_items if self.language_mode else sorted(self.validation_items, key=_length)
-        self.validation_batches = fixed_batches(
-            held,
-            make_collator(cfg.kind, self.tokenizer, cfg.mlm_probability, seed=cfg.seed),
-            cfg.eval_batch_size,
-        )
-        self.order = BatchOrder(len(self.train_items), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world)
-        self.total_steps = cfg.total_steps(len(self.train_items))
-
-        temporary = work_dir is None
-        if temporary and resume:
-            raise BadInputError("resume needs the run directory of the interrupted run (work_dir)")
-        directory = str(work_dir) if work_dir else None
-        if directory is None and self.dist.is_main:
-            directory = tempfile.mkdtemp(prefix="sftkit-run-")
-        directory = self.dist.broadcast(directory)
-        self.run_dir = RunDirectory(directory, writer=self.dist.is_main)
-        manifest = {
-            "config": cfg.to_dict(),
-            "data": self.data_record,
-            "source_sft": self.lineage,
-            "world_size": self.dist.world,
-        }
-        resuming = self.run_dir.start(manifest, resume)
-        self.dist.barrier()
-        if resuming:
-            self.reporter.note(f"resuming the run in {directory}")
-
+    def execute(self) -> SparseFineTuning:
+        """Phase 1 (or its cached result), selection, phase 2; returns φ."""
+        cfg, resuming = self.config, self.resuming
         summaries = {}
         selection = self.run_dir.load_selection() if resuming else None
         if selection is None:
-            cache_entry = self._cached_full_phase()
-            if cache_entry is None:
+            full = self._cached_full_phase()
+            if full is None:
                 self._warm_up_head()
-                self._capture_start()
+                start = self._capture_start()
                 dense = _DensePhase(
                     self.model,
                     self.head,
                     self.dist,
                     self.device,
-                    self.start_state,
+                    start,
                     cfg.l1,
                     self.maskable_entries,
                     row_sparse_words=cfg.freeze_decoder or not self.language_mode,
                 )
-                summaries["full"] = self._train_phase(0, dense, resuming)
+                summary = self._train_phase(0, dense, resuming)
                 dense.close()
-                deltas = self._full_deltas()
-                self._store_full_phase(deltas, summaries["full"])
+                full = FullPhase(
+                    self._full_deltas(start),
+                    {name: start[f"head::{name}"] for name, _ in self.head},
+                    {name: param.detach().cpu().clone() for name, param in self.head},
+                    summary,
+                )
+                self._store_full_phase(full)
             else:
-                deltas, head_start, summaries["full"] = cache_entry
                 self.reporter.note("phase 1 taken from the full-phase cache")
-                self._load_head(head_start)
-                self._capture_start()
-            masks, selection_info = self._select(summaries["full"], deltas)
-            del deltas
+                self._load_head(full.head_start)
+                start = self._capture_start()
+            summaries["full"] = full.summary
+            masks, selection_info = self._select(full.summary, full.deltas)
+            head_end = full.head_end
+            del full
         else:
             masks, selection_info = selection
             summaries["full"] = self.run_dir.done("full") or {}
             self.head_warmup = self.run_dir.done("head-warm-up") or {}
             self._load_head(self.run_dir.load_best("start"))
-            self._capture_start()
-        self._reset_to_start()
-        sparse = _SparsePhase(self.model, self.head, masks, self.dist, cfg.l1, self.maskable_entries)
-        del masks  # the updater keeps the selected indices only: memory ∝ k
-        summaries["sparse"] = self._train_phase(1, sparse, resuming)
-        sft = self._build_sft(sparse, summaries, selection_info)
-        sparse.close()
+            head_end = self.run_dir.load_best("head-end")
+            start = self._capture_start()
+        self._reset_to_start(start)
+        del start  # the sparse phase keeps θ_start only at the k selected entries
+        gc.collect()
+        if not cfg.sparse_phase:
+            diffs = self._selected_deltas(masks)
+            self._set_to(diffs, head_end)
+            sft = self._build_sft(diffs, summaries, selection_info)
+        else:
+            sparse = _SparsePhase(self.model, self.head, masks, self.dist, cfg.l1, self.maskable_entries)
+            del masks  # the updater keeps the selected indices only: memory ∝ k
+            summaries["sparse"] = self._train_phase(1, sparse, resuming)
+            sft = self._build_sft(sparse.updater.deltas(), summaries, selection_info)
+            sparse.close()
         self._check_ranks_agree(sft)
         for param in self.model.parameters():
             param.requires_grad_(True)
-        if temporary or not keep_work_dir:
-            self.run_dir.remove()
-        return TrainResult(sft, self.model, self.tokenizer, sft.metadata.metrics)
+        return sft
 
     # ------------------------------------------------------------------ phase 1 shared between methods
     def _full_phase_key(self) -> str:
         return cache_key(self.config.full_phase_digest(), self.data_record, self.source_digest, self.base_fingerprint)
 
-    def _cached_full_phase(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]] | None:
+    def _cached_full_phase(self) -> FullPhase | None:
         if self.full_cache is None:
             return None
-        entry = self.full_cache.load(self._full_phase_key())
-        if entry is None:
-            return None
-        deltas, head_start, summary = entry
-        self.head_warmup = summary.pop("head_warmup", {})
-        return deltas, head_start, summary
+        full = self.full_cache.load(self._full_phase_key())
+        if full is not None:
+            self.head_warmup = full.summary.pop("head_warmup", {})
+        return full
 
-    def _full_deltas(self) -> dict[str, torch.Tensor]:
+    def _full_deltas(self, start: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """δ = θ1 − θ_start of every maskable parameter (float32, on the CPU)."""
         return {
-            name: param.detach().float().cpu() - self.start_state[f"enc::{name}"].float()
+            name: param.detach().float().cpu() - start[f"enc::{name}"].float()
             for name, param in maskable_parameters(self.model)
         }
 
-    def _store_full_phase(self, deltas: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
-        head_start = {name: self.start_state[f"head::{name}"] for name, _ in self.head}
+    def _store_full_phase(self, full: FullPhase) -> None:
         if self.dist.is_main:
-            self.run_dir.save_best("start", head_start)
+            self.run_dir.save_best("start", full.head_start)
+            self.run_dir.save_best("head-end", full.head_end)
             self.run_dir.mark_done("head-warm-up", self.head_warmup)
             if self.full_cache is not None:
-                self.full_cache.save(
-                    self._full_phase_key(), deltas, head_start, {**summary, "head_warmup": self.head_warmup}
-                )
+                summary = {**full.summary, "head_warmup": self.head_warmup}
+                self.full_cache.save(self._full_phase_key(), replace(full, summary=summary))
 
     @torch.no_grad()
     def _load_head(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -582,6 +679,9 @@ class _Run:
             if rank is not None:
                 deltas, report = deftx.denoise_all(deltas, rank, keep=cfg.keep, maskable=is_maskable_name)
             masks = deftx.select(deltas, self.k)
+            if not cfg.sparse_phase:  # φ is the (denoised) δ at the mask: keep those values
+                selected = {name: deltas[name].reshape(-1)[mask.reshape(-1)] for name, mask in masks.items()}
+                self.run_dir.save_best("selected", selected)
             del deltas
             self.run_dir.save_selection(masks, {"rank_report": report, "k": self.k})
             self.run_dir.mark_done("full", full_summary)
@@ -590,15 +690,32 @@ class _Run:
         assert loaded is not None
         return loaded
 
+    def _selected_deltas(self, masks: Mapping[str, torch.Tensor]) -> dict[str, SparseDelta]:
+        """φ without a sparse phase: the (denoised) δ at the mask, as ``_select`` stored it."""
+        values = self.run_dir.load_best("selected")
+        return {
+            name: SparseDelta(tuple(mask.shape), mask.reshape(-1).nonzero().flatten(), values[name])
+            for name, mask in masks.items()
+            if bool(mask.any())
+        }
+
     @torch.no_grad()
-    def _reset_to_start(self) -> None:
+    def _set_to(self, diffs: Mapping[str, SparseDelta], head: Mapping[str, torch.Tensor]) -> None:
+        """θ_start + φ with the given head: the model a variant without the sparse phase ends with."""
+        params = dict(maskable_parameters(self.model))
+        for name, delta in diffs.items():
+            flat = params[name].view(-1)
+            index = delta.indices.to(flat.device)
+            flat.index_add_(0, index, delta.values.to(device=flat.device, dtype=flat.dtype))
+        self._load_head(head)
+
+    @torch.no_grad()
+    def _reset_to_start(self, start: Mapping[str, torch.Tensor]) -> None:
         """θ_start for the encoder and the head as initialised: the sparse phase starts where the full one did."""
         for name, param in maskable_parameters(self.model):
-            param.copy_(self.start_state[f"enc::{name}"])
+            param.copy_(start[f"enc::{name}"])
         for name, param in self.head:
-            param.copy_(self.start_state[f"head::{name}"])
-        del self.start_state  # the sparse phase keeps θ_start only at the k selected entries
-        gc.collect()
+            param.copy_(start[f"head::{name}"])
 
     # ------------------------------------------------------------------ one phase
     def _train_phase(self, index: int, phase: _DensePhase | _SparsePhase, resuming: bool) -> dict[str, Any]:
@@ -609,6 +726,7 @@ class _Run:
             phase.load_state(self.run_dir.load_best(name))
             return done
         optimizer = phase.optimizer(cfg.lr, cfg.weight_decay)
+        scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         warmup = int(cfg.warmup_ratio * self.total_steps)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
         metric = cfg.best_metric
@@ -620,25 +738,23 @@ class _Run:
             optimizer.load_state_dict(optimizer_state)
             scheduler.load_state_dict(scheduler_state)
         self.reporter.phase_started(name, self.total_steps, progress["step"])
-        model = phase.forward_model
         self.model.train()
         for step in range(progress["step"], self.total_steps):
-            torch.manual_seed(_step_seed(cfg.seed, index, self.dist.rank, step))
-            batch = self.collate([self.train_items[i] for i in self.order.indices(step)])
-            batch = {key: value.to(self.device) for key, value in batch.items()}
-            phase.observe(batch)
-            # MLM: logits at the masked positions only (sftkit.training.mlm); DDP needs its own forward.
-            loss = masked_lm_loss(model, batch) if self.language_mode and model is self.model else model(**batch).loss
-            total = loss + phase.regularisation().to(loss.device)
-            total.backward()
+            loss = self._accumulate(phase, self._micro_batches(index, step), scaler)
             phase.reduce_gradients()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if cfg.max_grad_norm:
                 clip_grad_norm_(phase.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             phase.after_step()
-            self.reporter.step(step + 1, float(loss.detach()))
+            self.reporter.step(step + 1, loss)
             if (step + 1) % cfg.eval_steps == 0 or step + 1 == self.total_steps:
                 metrics = self._evaluate()
                 progress["history"].append({"step": step + 1, **metrics})
@@ -661,36 +777,85 @@ class _Run:
         self.reporter.phase_finished(name, summary)
         return summary
 
+    def _micro_batches(self, index: int, step: int) -> list[dict[str, torch.Tensor]]:
+        """This process's examples of optimiser step ``step``, collated as ``grad_accum`` micro-batches."""
+        cfg = self.config
+        torch.manual_seed(_step_seed(cfg.seed, index, self.dist.rank, step))
+        examples = [self.train_items[i] for i in self.order.indices(step)]
+        size = -(-len(examples) // cfg.grad_accum)
+        batches = [self.collate(examples[first : first + size]) for first in range(0, len(examples), size)]
+        return [{key: value.to(self.device) for key, value in batch.items()} for batch in batches]
+
+    def _accumulate(
+        self, phase: _DensePhase | _SparsePhase, batches: list[dict[str, torch.Tensor]], scaler: Any
+    ) -> float:
+        """Forward and backward over the micro-batches of one step; returns the step's loss.
+
+        Each micro-batch's loss is weighted by its share of the step's labelled items (tokens for MLM
+        and tagging, examples for classification), so N micro-batches of b give the gradient of one
+        batch of N·b — as transformers' Trainer normalises by ``num_items_in_batch``.
+        """
+        model = phase.forward_model
+        counts = [int((batch["labels"] != IGNORE).sum()) for batch in batches]
+        total_items = max(1, sum(counts))
+        step_loss = 0.0
+        for position, (batch, count) in enumerate(zip(batches, counts, strict=True)):
+            phase.observe(batch)
+            last = position == len(batches) - 1
+            # DDP all-reduces on the last micro-batch only; the others accumulate locally.
+            synchronised = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with synchronised:
+                with self._autocast():
+                    # MLM: logits at the masked positions only (sftkit.training.mlm); DDP needs its own forward.
+                    if self.language_mode and model is self.model:
+                        loss = masked_lm_loss(model, batch, reduction="sum") / total_items
+                    else:  # a micro-batch without labelled items has a NaN mean: it contributes nothing
+                        loss = model(**batch).loss.nan_to_num(0.0) * (count / total_items)
+                step_loss += float(loss.detach())
+                if last:  # the regulariser once per step, after every micro-batch has been observed
+                    loss = loss + phase.regularisation().to(loss.device)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+        return step_loss
+
+    def _autocast(self) -> Any:
+        """Forward passes in the run's precision; master weights and gradients stay float32."""
+        if self.config.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
     @torch.no_grad()
     def _evaluate(self) -> dict[str, Any]:
         """Validation metrics, each process scoring its share of the batches; sums all-reduced."""
         mine = self.validation_batches[self.dist.rank :: self.dist.world]
         self.model.eval()
         try:
-            if self.language_mode:
-                totals = torch.zeros(2, dtype=torch.float64)
-                for batch in mine:
-                    batch = {key: value.to(self.device) for key, value in batch.items()}
-                    loss = masked_lm_loss(self.model, batch, reduction="sum")
-                    masked = float((batch["labels"] != -100).sum())
-                    totals += torch.tensor([float(loss), masked], dtype=torch.float64)
-                self.dist.sum_(totals)
-                return {"loss": float(totals[0] / totals[1]) if totals[1] else float("nan")}
-            assert self.labels is not None
-            confusion = self.dist.sum_(confusion_of(self.model, mine, len(self.labels)))
-            result = scores(confusion, self.labels)
-            return {"macro_f1": result["macro_f1"], "accuracy": result["accuracy"]}
+            with self._autocast():
+                return self._scores(mine)
         finally:
             self.model.train()
 
+    def _scores(self, mine: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """MLM loss over the masked tokens, or a classifier's macro-F1 and accuracy."""
+        if self.language_mode:
+            totals = torch.zeros(2, dtype=torch.float64)
+            for batch in mine:
+                batch = {key: value.to(self.device) for key, value in batch.items()}
+                loss = masked_lm_loss(self.model, batch, reduction="sum")
+                masked = float((batch["labels"] != IGNORE).sum())
+                totals += torch.tensor([float(loss), masked], dtype=torch.float64)
+            self.dist.sum_(totals)
+            return {"loss": float(totals[0] / totals[1]) if totals[1] else float("nan")}
+        assert self.labels is not None
+        confusion = self.dist.sum_(confusion_of(self.model, mine, len(self.labels)))
+        result = scores(confusion, self.labels)
+        return {"macro_f1": result["macro_f1"], "accuracy": result["accuracy"]}
+
     # ------------------------------------------------------------------ the artifact
     def _build_sft(
-        self, sparse: _SparsePhase, summaries: dict[str, Any], selection_info: dict[str, Any]
+        self, diffs: dict[str, SparseDelta], summaries: dict[str, Any], selection_info: dict[str, Any]
     ) -> SparseFineTuning:
-        from sftkit.params import head_parameters
-
         cfg = self.config
-        diffs = sparse.updater.deltas()
         trained = {id(param) for _, param in self.head}  # not a frozen decoder: it is θ0's word embeddings
         full = {
             name: param.detach().float().cpu().clone()
@@ -705,6 +870,7 @@ class _Run:
                 "validation_examples": len(self.validation_items),
                 "world_size": self.dist.world,
                 "device": self.device.type,
+                "variant": cfg.variant,
             }
         )
         if self.language_mode:

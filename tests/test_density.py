@@ -1,4 +1,4 @@
-"""sftkit.inspect: densities per layer and module, and the torch-free safetensors header reader."""
+"""sftkit.density (densities per layer and module) and the torch-free header readers it stands on."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sftkit import inspect as sft_inspect
+from sftkit.artifact import WEIGHTS_NAME, read_weights_summary
+from sftkit.density import density_by_layer, density_by_module
 from sftkit.errors import BadInputError
 from sftkit.params import layer_of, module_of
-from sftkit.sft import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, SFTMetadata, SparseFineTuning
+from sftkit.safetensors_header import read_checked_header
+from sftkit.sft import SFTMetadata, SparseFineTuning
 
 SHAPES = {
     "embeddings.word_embeddings.weight": (30, 8),
@@ -60,8 +62,8 @@ def test_densities_match_the_obvious_computation_from_object_and_directory(rando
         return f"layer {index}" if index is not None else ("embeddings" if module_of(name) == "embeddings" else "other")
 
     for source in (sft, directory, directory / WEIGHTS_NAME):
-        by_layer = sft_inspect.density_by_layer(source)
-        by_module = sft_inspect.density_by_module(source)
+        by_layer = density_by_layer(source)
+        by_module = density_by_module(source)
         assert {r.group: (r.entries, r.size) for r in by_layer} == plain_density(deltas, layer)
         assert {r.group: (r.entries, r.size) for r in by_module} == plain_density(deltas, module_of)
         assert [r.group for r in by_layer] == ["embeddings", "layer 0", "layer 1", "layer 11", "other"]
@@ -77,14 +79,14 @@ def test_densities_match_the_obvious_computation_from_object_and_directory(rando
         ]
         for row in by_layer + by_module:
             assert row.density == pytest.approx(row.entries / row.size)
-    summary = sft_inspect.read_weights_summary(directory)
+    summary = read_weights_summary(directory)
     assert summary.num_entries == sft.num_entries and summary.full_tensors == {"classifier.weight": (3, 8)}
 
 
 def test_header_reader_agrees_with_safetensors(random_sft, tmp_path):
     sft, _ = random_sft
     weights = sft.save(tmp_path / "sft") / WEIGHTS_NAME
-    header = sft_inspect.read_safetensors_header(weights)
+    header = read_checked_header(weights)
     with safe_open(str(weights), framework="pt") as handle:
         assert header.pop("__metadata__") == handle.metadata()
         assert {key: tuple(info["shape"]) for key, info in header.items()} == {
@@ -110,27 +112,19 @@ def test_header_reader_refuses_broken_files(tmp_path):
     for content in (truncated, trailing, empty, huge_header, not_json):
         weights.write_bytes(content)
         with pytest.raises(BadInputError, match="corrupted"):
-            sft_inspect.read_safetensors_header(weights)
+            read_checked_header(weights)
 
     wrong_size = json.loads(json.dumps(header))
     wrong_size["w.values"]["shape"] = [3]
     _rewrite(weights, wrong_size, data)
     with pytest.raises(BadInputError, match="bytes for"):
-        sft_inspect.read_safetensors_header(weights)
+        read_checked_header(weights)
     overlapping = json.loads(json.dumps(header))
     overlapping["w.indices"]["data_offsets"] = overlapping["w.values"]["data_offsets"]
     _rewrite(weights, overlapping, data)
     with pytest.raises(BadInputError, match="overlaps or leaves gaps"):
-        sft_inspect.read_safetensors_header(weights)
+        read_checked_header(weights)
     foreign = {"model.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     _rewrite(weights, foreign, b"\0" * 8)
     with pytest.raises(BadInputError, match="not an SFT weights file"):
-        sft_inspect.read_weights_summary(weights)
-
-
-def test_file_names_mirror_the_artifact_module():
-    assert (sft_inspect.CONFIG_NAME, sft_inspect.WEIGHTS_NAME, sft_inspect.CARD_NAME) == (
-        CONFIG_NAME,
-        WEIGHTS_NAME,
-        CARD_NAME,
-    )
+        read_weights_summary(weights)

@@ -1,0 +1,87 @@
+"""θ0: loading a base model with the head a job needs, and the head classes themselves.
+
+A leaf shared by composition, training and interop, so none of them depends on another just to
+load a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sftkit.errors import BadInputError
+
+HEADS = ("sequence-classification", "masked-lm", "none")
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence load reports and weight-loading bars: the fresh classifier they warn about is overwritten."""
+    from transformers.utils import logging
+
+    previous, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def head_class(head: str, labels: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The transformers Auto class of a head and the config overrides it needs (a classifier's labels)."""
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    if head == "sequence-classification":
+        labels = list(labels or [])
+        overrides = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)},
+        }
+        return AutoModelForSequenceClassification, overrides
+    return (AutoModelForMaskedLM if head == "masked-lm" else AutoModel), {}
+
+
+def load_base(base: str, head: str, labels: Sequence[str] | None = None, revision: str | None = None):
+    """Load θ0 with the requested head from a Hub id or a local directory."""
+    return load_base_reporting(base, head, labels, revision)[0]
+
+
+def load_base_reporting(
+    base: str, head: str, labels: Sequence[str] | None = None, revision: str | None = None
+) -> tuple[Any, list[str]]:
+    """``load_base`` plus the sorted names of the weights the checkpoint lacked (a freshly initialised head)."""
+    auto, overrides = head_class(head, labels)
+    if revision:
+        overrides["revision"] = revision
+    try:
+        with quiet_transformers():
+            model, info = auto.from_pretrained(base, output_loading_info=True, **overrides)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot load base model {base!r}: {str(exc).splitlines()[0]}") from exc
+    return model, sorted(info.get("missing_keys", ()))
+
+
+def untie_decoder(model: Any, freeze: bool) -> Any:
+    """Give the MLM decoder its own copy of the word embeddings (frozen when ``freeze``); returns it.
+
+    Language SFTs train with this decoder (the LT-SFT reference's ``--freeze_decoder``), so a masked-LM
+    composition of one rebuilds it: θ0's embeddings in the decoder, θ0 + φ_L in the encoder. Returns None
+    when the model has no output embedding; an already untied decoder keeps its values.
+    """
+    import torch
+
+    output = model.get_output_embeddings()
+    if output is None:
+        return None
+    words = model.get_input_embeddings().weight
+    if output.weight is words:
+        output.weight = torch.nn.Parameter(words.detach().clone(), requires_grad=not freeze)
+    elif freeze:
+        output.weight.requires_grad_(False)
+    model.config.tie_word_embeddings = False  # keeps a later tie_weights() (or a reload) from re-tying it
+    return output.weight
