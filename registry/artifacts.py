@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from sftkit.artifact import ARTIFACT_FILES, CONFIG_NAME, WEIGHTS_NAME, WeightsSummary, read_weights_summary
+from sftkit.artifact import ARTIFACT_FILES, CONFIG_NAME, KINDS, WEIGHTS_NAME, WeightsSummary, read_weights_summary
 from sftkit.errors import BadInputError, NotFoundError, SftkitError
 from sftkit.safetensors_header import read_raw_header
 
@@ -100,7 +100,7 @@ def check_sft_directory(directory: str | os.PathLike[str]) -> tuple[Path, dict[s
         config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadInputError(f"{path / CONFIG_NAME} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict) or config.get("kind") not in ("language", "task"):
+    if not isinstance(config, dict) or config.get("kind") not in KINDS:
         raise BadInputError(f"{path / CONFIG_NAME} is not an SFT config: 'kind' must be 'language' or 'task'")
     return path, config, read_weights_summary(path / WEIGHTS_NAME)
 

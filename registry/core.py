@@ -48,7 +48,7 @@ from sftkit.registry.location import (
 from sftkit.registry.query import Finder, Query
 from sftkit.registry.records import SFTRecord, VerifyProblem, canonical_reference
 from sftkit.registry.references import ParsedReference, check_name, check_tag, looks_like_path, parse_reference
-from sftkit.registry.schema import UNKNOWN_BASE, InfoRow, SeriesRow, SFTRow, TagRow
+from sftkit.registry.schema import UNKNOWN_BASE, InfoRow, SeriesRow, SFTRow, SourceRow, TagRow
 
 if TYPE_CHECKING:
     from sftkit.sft import SparseFineTuning
@@ -137,7 +137,8 @@ class Registry(Finder):
 
         Adding content that is already stored returns the existing record (tags are added to it).
         ``source`` (a record or reference) is the language SFT a task SFT was trained on top of; when
-        omitted it is looked up from ``metadata.source_sft["sha256"]``.
+        omitted it is looked up from ``metadata.source_sft["sha256"]``. A multi-source task SFT's sources
+        (``metadata.source_sfts``) are linked the same way, each one found by its sha256.
         """
         tags = tuple(check_tag(tag) for tag in dict.fromkeys(tags))
         self._writable("add SFTs")
@@ -196,6 +197,7 @@ class Registry(Finder):
                 )
                 session.add(row)
                 session.flush()
+                self._link_sources(session, row, info.config, fields)
                 self._apply_tags(session, row, tags)
                 placed = not final.exists()
                 self.store.place(info.path, info.sha256)
@@ -218,17 +220,26 @@ class Registry(Finder):
             if row is None:
                 raise NotFoundError(f"the source SFT {source.reference} is no longer in the registry")
         else:
-            sha = str(lineage.get("sha256") or "").removeprefix("sha256:")
-            row = session.scalar(select(SFTRow).where(SFTRow.sha256 == sha)) if sha else None
+            row = _row_by_lineage(session, lineage)
             if row is None:
                 return None, lineage.get("reference")
-        ours, theirs = fields["base_fingerprint"], row.base_fingerprint
-        if ours and theirs and ours != theirs:
-            raise BaseMismatchError(
-                f"the source SFT {row.reference} was trained on another base model ({row.base_model or theirs}) "
-                f"than this SFT ({fields['base_model'] or ours})"
-            )
+        _check_same_base(row, fields)
         return row, row.reference
+
+    @staticmethod
+    def _link_sources(session: Session, row: SFTRow, config: dict[str, Any], fields: dict[str, Any]) -> None:
+        """One ``sft_sources`` row per source of a multi-source task SFT, registered or not."""
+        for position, lineage in enumerate(config.get("source_sfts") or []):
+            lineage = lineage if isinstance(lineage, dict) else {}
+            source = _row_by_lineage(session, lineage)
+            if source is not None:
+                _check_same_base(source, fields)
+            reference = source.reference if source is not None else lineage.get("reference")
+            session.add(
+                SourceRow(
+                    sft_id=row.id, position=position, source_id=source.id if source else None, reference=reference
+                )
+            )
 
     @staticmethod
     def _apply_tags(session: Session, row: SFTRow, tags: Sequence[str]) -> None:
@@ -394,11 +405,22 @@ class Registry(Finder):
         return chain
 
     def dependents(self, ref: SFTRecord | str | os.PathLike[str]) -> list[SFTRecord]:
-        """Registered SFTs that name this one as their source."""
+        """Registered SFTs that name this one as their source (single- or multi-source)."""
         record = self._registered(ref)
         with self.db.session() as session:
-            rows = session.scalars(select(SFTRow).where(SFTRow.source_id == record.id).order_by(SFTRow.id))
-            return [self._record(row) for row in rows]
+            return [self._record(row) for row in _children(session, record.id)]
+
+    def sources(self, ref: SFTRecord | str | os.PathLike[str]) -> list[str]:
+        """A multi-source task SFT's sources in training order: their references (empty for other SFTs)."""
+        record = self._registered(ref)
+        with self.db.session() as session:
+            rows = session.scalars(select(SourceRow).where(SourceRow.sft_id == record.id).order_by(SourceRow.position))
+            return [
+                (session.get(SFTRow, link.source_id).reference if link.source_id is not None else None)
+                or link.reference
+                or "unknown"
+                for link in rows
+            ]
 
     # ------------------------------------------------------------------ changing
     def tag(self, ref: SFTRecord | str | os.PathLike[str], alias: str) -> SFTRecord:
@@ -433,14 +455,17 @@ class Registry(Finder):
             with self.db.session(write=True) as session:
                 self.store.claim(self._registry_id(session))
                 row = self._row_by_id(session, record)
-                children = session.scalars(select(SFTRow).where(SFTRow.source_id == row.id)).all()
+                children = _children(session, row.id)
                 if children and not force:
                     names = ", ".join(child.reference for child in children)
                     raise BadInputError(
                         f"{row.reference} is the source of {names}: remove those first, or force it (`--force`)"
                     )
                 for child in children:
-                    child.source_id = None
+                    if child.source_id == row.id:
+                        child.source_id = None
+                for link in session.scalars(select(SourceRow).where(SourceRow.source_id == row.id)):
+                    link.source_id = None  # its reference stays as text
                 removed = self._record(row)
                 session.delete(row)
             self.store.discard(self.store.path_for(removed.sha256))
@@ -561,3 +586,25 @@ def _row_fields(info: ArtifactInfo) -> dict[str, Any]:
         "metrics": _mapping(config, "metrics"),
         "trainer": _mapping(config, "trainer"),
     }
+
+
+def _row_by_lineage(session: Session, lineage: dict[str, Any]) -> SFTRow | None:
+    """The registered SFT a lineage record names by its sha256, if any."""
+    sha = str(lineage.get("sha256") or "").removeprefix("sha256:")
+    return session.scalar(select(SFTRow).where(SFTRow.sha256 == sha)) if sha else None
+
+
+def _check_same_base(source: SFTRow, fields: dict[str, Any]) -> None:
+    ours, theirs = fields["base_fingerprint"], source.base_fingerprint
+    if ours and theirs and ours != theirs:
+        raise BaseMismatchError(
+            f"the source SFT {source.reference} was trained on another base model ({source.base_model or theirs}) "
+            f"than this SFT ({fields['base_model'] or ours})"
+        )
+
+
+def _children(session: Session, sft_id: int | None) -> list[SFTRow]:
+    """SFTs trained on top of ``sft_id``: through ``source_id`` or as one of several sources."""
+    linked = select(SourceRow.sft_id).where(SourceRow.source_id == sft_id)
+    query = select(SFTRow).where((SFTRow.source_id == sft_id) | SFTRow.id.in_(linked)).order_by(SFTRow.id)
+    return list(session.scalars(query))

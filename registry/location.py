@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 DB_NAME = "registry.db"
 # Oldest first; the last one is what this sftkit needs. Must match registry/migrations/versions.
-SCHEMA_REVISIONS = ("0001", "0002")
+SCHEMA_REVISIONS = ("0001", "0002", "0003")
 HEAD = SCHEMA_REVISIONS[-1]
 BUSY_TIMEOUT_S = 60
 

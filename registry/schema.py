@@ -126,3 +126,15 @@ class TagRow(Base):
     name: Mapped[str] = mapped_column(String(64))
 
     sft: Mapped[SFTRow] = relationship(back_populates="tags")
+
+
+class SourceRow(Base):
+    """One source of a multi-source task SFT (a single-source SFT uses ``SFTRow.source_id``)."""
+
+    __tablename__ = "sft_sources"
+    __table_args__ = (Index(None, "source_id"),)
+
+    sft_id: Mapped[int] = mapped_column(ForeignKey("sfts.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int | None] = mapped_column(ForeignKey("sfts.id", ondelete="SET NULL"))
+    reference: Mapped[str | None] = mapped_column(Text)  # kept when the source is removed with --force

@@ -12,7 +12,14 @@ from typing import Any
 
 from sftkit.errors import BadInputError
 
-HEADS = ("sequence-classification", "masked-lm", "none")
+HEADS = ("sequence-classification", "token-classification", "masked-lm", "none")
+# Heads that classify with a label list (``id2label``): one label per text, or one tag per word (NER, POS).
+CLASSIFIER_HEADS = ("sequence-classification", "token-classification")
+_ARCHITECTURE_SUFFIXES = {
+    "ForSequenceClassification": "sequence-classification",
+    "ForTokenClassification": "token-classification",
+    "ForMaskedLM": "masked-lm",
+}
 
 
 @contextmanager
@@ -33,17 +40,29 @@ def quiet_transformers():
 
 def head_class(head: str, labels: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
     """The transformers Auto class of a head and the config overrides it needs (a classifier's labels)."""
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
-    if head == "sequence-classification":
+    if head in CLASSIFIER_HEADS:
         labels = list(labels or [])
         overrides = {
             "num_labels": len(labels),
             "id2label": dict(enumerate(labels)),
             "label2id": {label: i for i, label in enumerate(labels)},
         }
+        if head == "token-classification":
+            return AutoModelForTokenClassification, overrides
         return AutoModelForSequenceClassification, overrides
     return (AutoModelForMaskedLM if head == "masked-lm" else AutoModel), {}
+
+
+def head_of_architecture(architecture: str) -> str:
+    """The head of a model class name (``XLMRobertaForTokenClassification`` → ``token-classification``)."""
+    return next((head for suffix, head in _ARCHITECTURE_SUFFIXES.items() if architecture.endswith(suffix)), "none")
 
 
 def load_base(base: str, head: str, labels: Sequence[str] | None = None, revision: str | None = None):

@@ -81,15 +81,33 @@ def sft_model_card(metadata: SFTMetadata, num_entries: int) -> str:
     return "\n".join(lines)
 
 
-def composed_model_card(base_model: str, parts: Sequence[dict[str, object]], labels: Sequence[str] | None) -> str:
-    """Card of a composed model directory: which SFTs with which weights."""
+# The Hub pipeline of each head (``sftkit.base_model.HEADS``) and how the card shows it in use.
+PIPELINES = {
+    "sequence-classification": ("text-classification", "classify = pipeline('text-classification', model=PATH)"),
+    "token-classification": (
+        "token-classification",
+        "tag = pipeline('token-classification', model=PATH, aggregation_strategy='simple')",
+    ),
+    "masked-lm": ("fill-mask", "fill = pipeline('fill-mask', model=PATH)"),
+    "none": ("feature-extraction", "embed = pipeline('feature-extraction', model=PATH)"),
+}
+
+
+def composed_model_card(
+    base_model: str,
+    parts: Sequence[dict[str, object]],
+    labels: Sequence[str] | None,
+    head: str = "sequence-classification",
+) -> str:
+    """Card of a composed model directory: which SFTs with which weights; its pipeline follows the head."""
+    pipeline_tag, usage = PIPELINES.get(head, PIPELINES["none"])
     languages = sorted({str(p["language"]) for p in parts if p.get("language")})
     front = _front_matter(
         {
             "base_model": base_model,
             "language": languages,
             "library_name": "transformers",
-            "pipeline_tag": "text-classification",
+            "pipeline_tag": pipeline_tag,
             "tags": ["sftkit", "deft-x", "sparse-fine-tuning", "composed"],
         }
     )
@@ -97,13 +115,13 @@ def composed_model_card(base_model: str, parts: Sequence[dict[str, object]], lab
     lines += [
         f"- {p['kind']} SFT `{p.get('reference') or p.get('name')}` × {p['weight']} ({p['method']})" for p in parts
     ]
-    if labels:
-        lines += ["", f"Labels: {', '.join(labels)}."]
+    if labels and head in ("sequence-classification", "token-classification"):
+        lines += ["", f"{'Tags' if head == 'token-classification' else 'Labels'}: {', '.join(labels)}."]
     lines += [
         "",
         "```python",
         "from transformers import pipeline",
-        "classify = pipeline('text-classification', model='path/to/this/directory')",
+        usage.replace("PATH", "'path/to/this/directory'"),
         "```",
         "",
     ]

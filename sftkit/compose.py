@@ -3,7 +3,9 @@
 The exported directory is an ordinary Hugging Face model (config with ``id2label``, safetensors
 weights, the base tokenizer) plus ``sftkit_compose.json`` recording which SFTs went in with which
 weights, so ``AutoModelForSequenceClassification.from_pretrained(dir)`` and
-``pipeline("text-classification", model=dir)`` work with no sftkit installed.
+``pipeline("text-classification", model=dir)`` work with no sftkit installed — or, for a token task
+SFT (NER, POS; ``head_type`` ``token-classification``), ``AutoModelForTokenClassification`` and
+``pipeline("token-classification")``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from sftkit.artifact import CARD_NAME
 from sftkit.atomic import atomic_directory, check_target
-from sftkit.base_model import load_base, quiet_transformers, untie_decoder
+from sftkit.base_model import head_of_architecture, load_base, quiet_transformers, untie_decoder
 from sftkit.card import composed_model_card
 from sftkit.composition_plan import COMPOSE_RECORD, Part, Plan, compose_record, parts_of, plan
 from sftkit.errors import BadInputError
@@ -30,7 +32,7 @@ def compose(
     base: str | Any,
     sfts: Sequence[SparseFineTuning],
     weights: Sequence[float] | None = None,
-    head: str = "sequence-classification",
+    head: str | None = None,
     head_from: int | None = None,
     references: Sequence[str | None] | None = None,
     revision: str | None = None,
@@ -39,6 +41,8 @@ def compose(
 
     ``base`` is a Hub id, a local directory or an already loaded model (changed in place). SFTs
     whose base fingerprint differs from the base are refused, as are two heads and a missing head.
+    ``head`` (``sftkit.base_model.HEADS``) defaults to the one the task SFT was trained with
+    (``sequence-classification``, or ``token-classification`` for NER / POS).
     """
     return _compose(base, plan(sfts, weights, head, head_from, references), revision)[0]
 
@@ -63,7 +67,7 @@ def compose_to_directory(
     sfts: Sequence[SparseFineTuning],
     out_dir: str | os.PathLike[str],
     weights: Sequence[float] | None = None,
-    head: str = "sequence-classification",
+    head: str | None = None,
     head_from: int | None = None,
     references: Sequence[str | None] | None = None,
     revision: str | None = None,
@@ -133,5 +137,6 @@ def _export(
         source.save_pretrained(staging)
         record = compose_record(base, fingerprint, type(model).__name__, parts)
         (staging / COMPOSE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        (staging / CARD_NAME).write_text(composed_model_card(base, record["sfts"], labels))
+        card = composed_model_card(base, record["sfts"], labels, head_of_architecture(type(model).__name__))
+        (staging / CARD_NAME).write_text(card)
     return target

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sftkit import __version__
-from sftkit.base_model import HEADS
+from sftkit.base_model import CLASSIFIER_HEADS, HEADS
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.sft import SparseFineTuning
 
@@ -49,7 +49,7 @@ def _head_part(parts: Sequence[Part], head: str, head_from: int | None) -> Part 
         if not 0 <= head_from < len(parts):
             raise BadInputError(f"head_from={head_from} is not the position of one of the {len(parts)} SFTs")
         return parts[head_from]
-    wanted_kind = "task" if head == "sequence-classification" else "language"
+    wanted_kind = "task" if head in CLASSIFIER_HEADS else "language"
     candidates = [p for p in parts if p.sft.metadata.kind == wanted_kind and p.sft.full]
     if len(candidates) > 1:
         names = ", ".join(p.reference or p.sft.metadata.name for p in candidates)
@@ -106,22 +106,42 @@ def parts_of(
     return tuple(Part(sft, float(w), ref) for sft, w, ref in zip(sfts, weights, refs, strict=True))
 
 
+def default_head(parts: Sequence[Part], head_from: int | None = None) -> str:
+    """The head a task SFT was trained with (its ``head_type``): token classification for a NER or POS
+    SFT, sequence classification otherwise (also for SFTs that record no head type, e.g. imported ones)."""
+    if head_from is not None and 0 <= head_from < len(parts):
+        chosen = [parts[head_from]]
+    else:
+        chosen = [p for p in parts if p.sft.metadata.kind == "task" and p.sft.full]
+    trained = {p.sft.metadata.head_type for p in chosen}
+    return "token-classification" if trained == {"token-classification"} else "sequence-classification"
+
+
 def plan(
     sfts: Sequence[SparseFineTuning],
     weights: Sequence[float] | None = None,
-    head: str = "sequence-classification",
+    head: str | None = None,
     head_from: int | None = None,
     references: Sequence[str | None] | None = None,
 ) -> Plan:
-    """Validate the arguments of a composition: weights, which SFT brings the head, its labels."""
-    if head not in HEADS:
+    """Validate the arguments of a composition: weights, which SFT brings the head, its labels.
+
+    ``head``: one of ``HEADS``; ``None`` = the task SFT's own (``default_head``).
+    """
+    if head is not None and head not in HEADS:
         raise BadInputError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
     if not sfts:
         raise BadInputError("nothing to compose: give at least one SFT")
     parts = parts_of(sfts, weights, references)
+    head = head or default_head(parts, head_from)
     result = Plan(parts, head, _head_part(parts, head, head_from))
-    if head == "sequence-classification" and not result.labels:
+    if head in CLASSIFIER_HEADS and not result.labels:
         raise BadInputError("the task SFT records no labels, so the classifier's size is unknown")
+    trained = result.head_part.sft.metadata.head_type if result.head_part else None
+    if head in CLASSIFIER_HEADS and trained in CLASSIFIER_HEADS and trained != head:
+        assert result.head_part is not None
+        name = result.head_part.reference or result.head_part.sft.metadata.name
+        raise BadInputError(f"SFT {name!r} was trained with a {trained} head, not {head}: leave the head unset")
     return result
 
 

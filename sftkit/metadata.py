@@ -30,6 +30,7 @@ class SFTMetadata:
     maskable_entries: int | None = None
     density: float | None = None
     source_sft: dict[str, Any] | None = None  # lineage of a task SFT: reference, sha256, language
+    source_sfts: list[dict[str, Any]] | None = None  # a multi-source task SFT's sources, each as source_sft
     metrics: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
     rank_report: list[dict[str, Any]] = field(default_factory=list)

@@ -285,4 +285,5 @@ def _write_side_files(staging: Path, snapshot: Path, model, composition: Plan, b
         shutil.copyfile(snapshot / name, staging / name)
     record = compose_record(base, fingerprint, type(model).__name__, composition.parts)
     (staging / COMPOSE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    (staging / CARD_NAME).write_text(composed_model_card(base, record["sfts"], composition.labels))
+    card = composed_model_card(base, record["sfts"], composition.labels, composition.head)
+    (staging / CARD_NAME).write_text(card)

@@ -101,22 +101,21 @@ def build_tiny_base(
     vocab_size: int = 600,
     seed: int = 0,
 ) -> Path:
-    """Save an XLM-R-shaped encoder with random weights and a WordPiece tokenizer trained on ``texts``.
+    """Save an XLM-R-shaped encoder with random weights and a WordPiece tokenizer built from ``texts``.
 
     The directory loads with ``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification`` /
     ``AutoTokenizer.from_pretrained`` like any Hub checkpoint.
     """
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaForMaskedLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    tokenizer = Tokenizer(models.WordPiece(_wordpiece_vocab(texts, vocab_size, specials), unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -144,3 +143,21 @@ def build_tiny_base(
     torch.manual_seed(seed)
     XLMRobertaForMaskedLM(config).save_pretrained(out)
     return out
+
+
+def _wordpiece_vocab(texts: list[str], size: int, specials: list[str]) -> dict[str, int]:
+    """Special tokens, every character (word-initial and ``##`` continuation), then the most frequent words.
+
+    Built here rather than by ``tokenizers``' WordPiece trainer, whose merges tie-break in hash order and
+    so differ from process to process: the same seed must give the same toy model, and the same demo.
+    """
+    import re
+    from collections import Counter
+
+    words = Counter(word for text in texts for word in re.findall(r"\w+|[^\w\s]+", text.lower()))
+    characters = sorted({character for word in words for character in word})
+    tokens = [*specials, *characters, *(f"##{character}" for character in characters)]
+    known = set(tokens)
+    by_frequency = sorted((word for word in words if word not in known), key=lambda word: (-words[word], word))
+    tokens += by_frequency[: max(0, size - len(tokens))]
+    return {token: index for index, token in enumerate(tokens)}

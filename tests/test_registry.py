@@ -187,6 +187,29 @@ def test_lineage_links_task_sfts_to_their_source(reg):
     assert not language.path.exists()
 
 
+def test_a_multi_source_sft_links_every_source(reg):
+    ace, ban = reg.add(tiny_sft("ace", seed=1)), reg.add(tiny_sft("ban", seed=2))
+    sources = [
+        {"language": "ace", "reference": ace.reference, "sha256": ace.sha256},
+        {"language": "ban", "reference": ban.reference, "sha256": ban.sha256},
+        {"language": "bbc", "reference": "lang:bbc@3", "sha256": "e" * 64},  # not in this registry
+    ]
+    task = reg.add(tiny_sft("sa", kind="task", seed=3, source_sfts=sources))
+    assert reg.sources(task) == ["lang:ace@1", "lang:ban@1", "lang:bbc@3"]
+    assert [r.reference for r in reg.dependents("ace")] == [r.reference for r in reg.dependents("ban")] == ["task:sa@1"]
+    assert reg.sources("ace") == []
+    other_base = tiny_sft("sa", kind="task", seed=4, fingerprint="sha256:other", source_sfts=sources[:1])
+    with pytest.raises(BaseMismatchError, match="lang:ace@1 was trained on another base model"):
+        reg.add(other_base)
+    with pytest.raises(BadInputError, match="lang:ban@1 is the source of task:sa@1"):
+        reg.remove("ban")
+    reg.remove("ban", force=True)
+    assert reg.sources(task) == ["lang:ace@1", "lang:ban@1", "lang:bbc@3"]  # the link is gone, the name stays
+    assert reg.dependents("ace")[0].reference == "task:sa@1"
+    reg.remove("task:sa")  # its links go with it
+    reg.remove("ace")  # … so nothing depends on ace any more
+
+
 def test_source_on_another_base_is_refused(reg):
     reg.add(tiny_sft("id", seed=1, base_model="other-base", fingerprint="sha256:other"))
     with pytest.raises(BaseMismatchError, match="another base model"):

@@ -61,7 +61,7 @@ def test_an_old_schema_is_refused_until_db_upgrade(url, sftkit_home):
     with Registry.open(home=sftkit_home, url=url) as registry:
         status = registry.status()
         assert (status["revision"], status["up_to_date"]) == (SCHEMA_REVISIONS[0], False)
-        with pytest.raises(BadInputError, match=r"revision 0001, this sftkit needs 0002: run `sftkit db upgrade`"):
+        with pytest.raises(BadInputError, match=rf"revision 0001, this sftkit needs {HEAD}: run `sftkit db upgrade`"):
             registry.find()
         with pytest.raises(BadInputError, match="sftkit db upgrade"):
             registry.add(tiny_sft("ace", seed=2))

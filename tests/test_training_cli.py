@@ -87,7 +87,7 @@ def test_no_register_writes_only_the_output_directory(sftkit_home, tiny_base, fi
         (["train", "--task", "sa", "--method", "deftx", "--rank", "none", "--train", "{train}"], "contradicts"),
         (["train", "--task", "sa", "--corpus", "{corpus}"], "use --train"),
         (["train", "--lang", "ace", "--corpus", "{corpus}", "--no-register"], "needs --output"),
-        (["train", "--lang", "ace", "--corpus", "{corpus}", "--source-lang", "x"], "applies to task SFTs"),
+        (["train", "--lang", "ace", "--corpus", "{corpus}", "--source-lang", "x"], "apply to task SFTs"),
         (["train", "--lang", "ace"], "offline: pass --corpus FILE"),
         (["train", "--task", "nli"], "offline: pass --train FILE"),
         (["train", "--task", "pos"], "no built-in source for task 'pos'"),

@@ -47,6 +47,8 @@ def test_two_cpu_processes_train_one_sft(tiny_base, toy_languages, tmp_path):
         "2",
         "--batch-size",
         "8",
+        "--grad-accum",
+        "2",  # accumulation under DDP: the first micro-batch of each step runs under no_sync()
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -56,4 +58,5 @@ def test_two_cpu_processes_train_one_sft(tiny_base, toy_languages, tmp_path):
     record = records[0]
     assert record.num_entries == record.k
     assert record.trainer["world_size"] == 2
+    assert (record.trainer["batch_size"], record.trainer["grad_accum"]) == (8, 2)
     assert not any((home / "runs").iterdir())

@@ -19,6 +19,7 @@ EXAMPLES = """
   sftkit compose --task sa --lang ban -o model/
   sftkit compose --task nli@best --lang lang:quy@2 --weights 1,0.8 -o model-quy/
   sftkit compose --lang ace --head none -o ace-encoder/      [dim]# language-adapted encoder, no head[/dim]
+  sftkit compose --task ner --lang ace -o ner-ace/           [dim]# a token task SFT: a token classifier[/dim]
 """
 
 
@@ -55,15 +56,21 @@ def compose_command(
         str | None, typer.Option(help="Base model (Hub id or directory); default: the one the SFTs were trained on.")
     ] = None,
     head: Annotated[
-        Literal["sequence-classification", "masked-lm", "none"], typer.Option(help="Head of the exported model.")
-    ] = "sequence-classification",
+        Literal["sequence-classification", "token-classification", "masked-lm", "none"] | None,
+        typer.Option(
+            help="Head of the exported model (default: the task SFT's own, sequence-classification or "
+            "token-classification for NER / POS).",
+            show_default=False,
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the composition record as JSON.")] = False,
 ) -> None:
     """Compose SFTs into a model directory that [b]AutoModelForSequenceClassification.from_pretrained[/b] loads.
 
     θ = θ0 + Σ wᵢ φᵢ: every SFT's sparse deltas are added to the base, the task SFT's head goes on top, \
-language SFTs' MLM heads are dropped.
+language SFTs' MLM heads are dropped. A token task SFT (NER, POS) gives a directory that \
+[b]AutoModelForTokenClassification[/b] and pipeline("token-classification") load.
     """
     references = ([qualify(task, "task")] if task else []) + [qualify(x, "lang") for x in lang or []] + list(sft or [])
     if not references:

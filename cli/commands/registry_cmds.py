@@ -187,6 +187,11 @@ def show_command(
     registered = record.id is not None
     lineage = registry.lineage(record)[1:] if registered else []
     dependents = registry.dependents(record) if registered else []
+    sources = (
+        registry.sources(record)
+        if registered
+        else [str(lineage.get("reference") or lineage.get("language")) for lineage in config.get("source_sfts") or []]
+    )
     by_layer, by_module = density_by_layer(record.path), density_by_module(record.path)
     heads = read_weights_summary(record.path).full_tensors
     trainer = config.get("trainer") or {}
@@ -196,6 +201,7 @@ def show_command(
         data["config"] = config
         data["lineage"] = [r.reference for r in lineage]
         data["dependents"] = [r.reference for r in dependents]
+        data["sources"] = sources
         data["density_by_layer"] = [row.to_dict() for row in by_layer]
         data["density_by_module"] = [row.to_dict() for row in by_module]
         print_json(data)
@@ -235,6 +241,8 @@ def show_command(
         about.add_row(f"[bold]{key}[/bold]", _value(value))
     console.print(about)
 
+    if sources:
+        console.print(f"[bold]trained on sources[/bold]  {', '.join(sources)}", soft_wrap=True)
     chain = " ← ".join([record.reference, *(r.reference for r in lineage)])
     if record.source_reference and not lineage:
         chain += f" ← {record.source_reference} (not in this registry)"

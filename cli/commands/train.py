@@ -20,6 +20,7 @@ EXAMPLES_TRAIN = """
 
   sftkit train --lang ace --rank 90var --corpus ace.txt
   sftkit train --task sa --source-lang id --train smsa.tsv --validation nusax/indonesian/valid.csv
+  sftkit train --task sa --source id=smsa.tsv --source jav=nusax/javanese/train.csv    [dim]# multi-source[/dim]
   sftkit train --lang ace --method lt-sft --k 2.8% --corpus ace.txt --base bert-base-multilingual-cased
   sftkit train --lang ace --recipe quick --base ./tiny --corpus ace.txt --no-register -o ace-sft/
   torchrun --nproc_per_node=4 --no-python sftkit train --lang ace --corpus ace.txt    [dim]# DDP[/dim]
@@ -41,10 +42,11 @@ EXAMPLES_EVAL = """
   sftkit eval model/ --data nusax/acehnese/test.csv
   sftkit eval sa --data nusax/indonesian/test.csv --json     [dim]# a task SFT composed on its base[/dim]
   sftkit eval model-quy/ --data americasnli/test/quy.tsv
+  sftkit eval ner-ace/ --data ace-test.conll --json           [dim]# a token classifier: entity P/R/F1[/dim]
 """
 
 _WHAT, _METHOD, _DATA, _SCHEDULE, _OUTPUT = "What to train", "Method", "Data", "Schedule (overrides)", "Output"
-_MODES = "Training modes (the paper's ablations, accumulation, precision)"
+_MODES = "Training modes (multi-source, the paper's ablations, accumulation, precision)"
 
 
 class _RichReporter:
@@ -117,7 +119,8 @@ def train_command(
         typer.Option("--lang", help="Train a language SFT (MLM) for this language code.", rich_help_panel=_WHAT),
     ] = None,
     task: Annotated[
-        str | None, typer.Option("--task", help="Train a task SFT (e.g. sa, nli).", rich_help_panel=_WHAT)
+        str | None,
+        typer.Option("--task", help="Train a task SFT (e.g. sa, nli; ner, pos tag words).", rich_help_panel=_WHAT),
     ] = None,
     base: Annotated[
         str,
@@ -130,6 +133,30 @@ def train_command(
             "--source-lang",
             help="Task SFTs: start from this registered language SFT (θ0 + φ_source).",
             rich_help_panel=_WHAT,
+        ),
+    ] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source",
+            help="Multi-source task SFTs: LANG=DATA, repeatable; each batch comes from one source with its registered "
+            "language SFT applied (θ_start = θ0).",
+            rich_help_panel=_MODES,
+        ),
+    ] = None,
+    sources_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--sources",
+            help='Multi-source task SFTs from a JSON file: {"LANG": {"train": DATA, "validation": DATA, "sft": REF}}.',
+            rich_help_panel=_MODES,
+        ),
+    ] = None,
+    source_sampling: Annotated[
+        str | None,
+        typer.Option(
+            help="Multi-source: proportional (to each source's data, as the LT-SFT reference) or uniform.",
+            rich_help_panel=_MODES,
         ),
     ] = None,
     recipe: Annotated[
@@ -201,7 +228,18 @@ def train_command(
         str | None,
         typer.Option(
             "--train",
-            help="Task SFTs: labelled CSV/TSV/JSONL or hf:owner/name[:config][@split].",
+            help="Task SFTs: labelled CSV/TSV/JSONL or hf:owner/name[:config][@split]; token tasks (NER, POS): "
+            "CoNLL (word<TAB>tag per line, a blank line between sentences; .conll) or JSONL with tokens and tags "
+            "lists.",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    task_type: Annotated[
+        str | None,
+        typer.Option(
+            "--task-type",
+            help="sequence (a label per text) | token (a tag per word); default: token for --task ner/pos or "
+            "CoNLL/JSONL-with-tokens data, else sequence.",
             rich_help_panel=_DATA,
         ),
     ] = None,
@@ -299,13 +337,18 @@ those (memory ∝ k). The result is registered and its reference printed.
         raise BadInputError("task SFTs train on labelled data: use --train FILE (--corpus is for --lang)")
     if corpus and train_file:
         raise BadInputError("give the corpus once: --corpus FILE")
-    if kind == "language" and source_lang:
-        raise BadInputError("--source-lang applies to task SFTs (--task)")
+    if kind == "language" and (source_lang or source or sources_file):
+        raise BadInputError("source-language SFTs (--source-lang, --source, --sources) apply to task SFTs (--task)")
+    multi = _multi_sources(source or [], sources_file)
+    if multi and source_lang:
+        raise BadInputError("give one source (--source-lang) or several (--source / --sources), not both")
+    if multi and (train_file or validation):
+        raise BadInputError("a multi-source SFT reads each source's data from --source LANG=DATA, not --train")
     if Path(base).expanduser().is_dir():  # a local base is recorded absolutely: compose/eval run from anywhere
         base = str(Path(base).expanduser().resolve())
     data = corpus or train_file
     columns = {"text_column": text_column, "text_pair_column": text_pair_column}
-    if data is None:
+    if data is None and not multi:
         from sftkit.training.catalog import default_source
 
         default = default_source(kind, name)
@@ -327,6 +370,11 @@ those (memory ∝ k). The result is registered and its reference printed.
         rank=rank,
         keep=keep,
         k=k,
+        sources={
+            language: {"train": spec["train"], "validation": spec.get("validation")} for language, spec in multi.items()
+        }
+        or None,
+        source_sampling=source_sampling,
         sparse_phase=sparse_phase,
         l1=l1,
         freeze_decoder=freeze_decoder,
@@ -334,6 +382,7 @@ those (memory ∝ k). The result is registered and its reference printed.
         train=data,
         validation=validation,
         label_column=label_column,
+        task_type=task_type,
         epochs=epochs,
         max_steps=max_steps,
         min_steps=min_steps,
@@ -350,7 +399,9 @@ those (memory ∝ k). The result is registered and its reference printed.
         **columns,
     )
     source_record, source_sft, lineage = _source(ctx, source_lang) if source_lang else (None, None, None)
-    run_id = config.with_changes(extra={"source": lineage}).digest()
+    resolved = {language: _source(ctx, spec.get("sft") or language) for language, spec in multi.items()}
+    source_lineages = {language: found[2] for language, found in resolved.items()}
+    run_id = config.with_changes(extra={"source": lineage or source_lineages}).digest()
     work_dir = _home(ctx) / "runs" / run_id
     main_process = int(os.environ.get("RANK", "0")) == 0
 
@@ -365,6 +416,8 @@ those (memory ∝ k). The result is registered and its reference printed.
                 config,
                 source=source_sft,
                 source_lineage=lineage,
+                sources={language: found[1] for language, found in resolved.items()} or None,
+                source_lineages=source_lineages or None,
                 work_dir=work_dir,
                 resume=resume,
                 reporter=reporter,
@@ -396,6 +449,42 @@ those (memory ∝ k). The result is registered and its reference printed.
     console.print(record.reference)
 
 
+def _multi_sources(pairs: list[str], spec_file: Path | None) -> dict[str, dict[str, str]]:
+    """``--source LANG=DATA`` flags and a ``--sources`` JSON file → {language: {"train", "validation", "sft"}}."""
+    import json
+
+    from sftkit.registry.references import check_name
+
+    sources: dict[str, dict[str, str]] = {}
+
+    def add(language: str, spec: dict[str, str]) -> None:
+        language = check_name(language, "--source")
+        if language in sources:
+            raise BadInputError(f"source language {language!r} given twice")
+        sources[language] = spec
+
+    for pair in pairs:
+        language, equals, data = pair.partition("=")
+        if not equals or not language or not data:
+            raise BadInputError(f"--source expects LANG=DATA (e.g. ace=ace-train.csv), not {pair!r}")
+        add(language, {"train": data})
+    if spec_file is not None:
+        try:
+            spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadInputError(f"--sources {spec_file}: not a readable JSON file ({exc})") from exc
+        if not isinstance(spec, dict):
+            raise BadInputError(f"--sources {spec_file}: expected an object of source languages")
+        for language, entry in spec.items():
+            allowed = {"train", "validation", "sft"}
+            if not isinstance(entry, dict) or "train" not in entry or set(entry) - allowed:
+                raise BadInputError(
+                    f'--sources {spec_file}: {language!r} needs {{"train": DATA}} (optional: validation, sft)'
+                )
+            add(language, {key: str(value) for key, value in entry.items()})
+    return sources
+
+
 def _language_summary(sft: Any) -> str:
     """How a language SFT's MLM head was handled: the decoder and the head warm-up."""
 
@@ -410,22 +499,34 @@ def eval_command(
     ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="A composed model directory, or a task SFT reference/directory.")],
     data: Annotated[
-        Path, typer.Option("--data", "-d", help="Labelled CSV/TSV/JSONL (NusaX, SMSA, AmericasNLI formats).")
+        Path,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Labelled CSV/TSV/JSONL (NusaX, SMSA, AmericasNLI formats); for a token classifier (NER, POS): "
+            "CoNLL or JSONL with tokens and tags.",
+        ),
     ],
     json_output: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
     max_length: Annotated[int | None, typer.Option(help="Truncate inputs to this many tokens.")] = None,
-    text_column: Annotated[str | None, typer.Option(help="Text column (default text; premise for pairs).")] = None,
+    text_column: Annotated[
+        str | None, typer.Option(help="Text column (default text; premise for pairs; tokens for token data).")
+    ] = None,
     text_pair_column: Annotated[str | None, typer.Option(help="Second text column of pairs.")] = None,
-    label_column: Annotated[str, typer.Option(help="Label column.")] = "label",
+    label_column: Annotated[str, typer.Option(help="Label column (tags for token data).")] = "label",
 ) -> None:
-    """Macro-F1, accuracy and per-class scores of a classifier on labelled data.
+    """Macro-F1, accuracy and per-class scores of a classifier on labelled data; entity precision, recall and F1
+    per type (NER) or word accuracy (POS) of a token classifier.
 
     A task SFT given alone is composed on its base model first (θ0 + φ_T with its head).
     """
     from sftkit.training import evaluate
 
     directory = Path(target).expanduser()
+    if _is_tagger(ctx, directory, target):
+        _eval_tagger(ctx, directory, target, data, json_output, batch_size, max_length, text_column, label_column)
+        return
     options = {
         "batch_size": batch_size,
         "max_length": max_length,
@@ -454,6 +555,91 @@ def eval_command(
         print_json(scores)
         return
     _print_scores(what, data, scores)
+
+
+def _is_tagger(ctx: typer.Context, directory: Path, target: str) -> bool:
+    """A token classifier: a model directory whose architecture is ``…ForTokenClassification``, or a token task SFT."""
+    import json
+
+    from sftkit.base_model import head_of_architecture
+
+    if (directory / "config.json").is_file():
+        try:
+            architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            return False  # the evaluator reports what is wrong with the directory
+        return any(head_of_architecture(str(name)) == "token-classification" for name in architectures)
+    from sftkit.artifact import CONFIG_NAME
+
+    record = resolve(ctx, target)
+    if record.kind != "task" or record.path is None or not (record.path / CONFIG_NAME).is_file():
+        return False  # loading the SFT says what is wrong with it
+    try:
+        metadata = json.loads((record.path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metadata, dict) and metadata.get("head_type") == "token-classification"
+
+
+def _eval_tagger(
+    ctx: typer.Context,
+    directory: Path,
+    target: str,
+    data: Path,
+    json_output: bool,
+    batch_size: int,
+    max_length: int | None,
+    tokens_column: str | None,
+    tags_column: str,
+) -> None:
+    """``sftkit eval`` of a token classifier (NER, POS): ``evaluation.evaluate_tagger``."""
+    from sftkit.training.evaluation import evaluate_tagger
+
+    options = {
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "tokens_key": tokens_column or "tokens",
+        "tags_key": tags_column if tags_column != "label" else "tags",
+    }
+    st = state(ctx)
+    with err_console.status("evaluating…", spinner="dots") if not st.quiet else nullcontext():
+        if (directory / "config.json").is_file():
+            scores, what = evaluate_tagger(directory, data, **options), str(directory)
+        else:
+            from sftkit.compose import compose
+
+            record = resolve(ctx, target)
+            if not record.base_model:
+                raise BadInputError(f"{record.reference} names no base model to compose it on")
+            model = compose(record.base_model, [st.registry().load(record)], references=[record.reference])
+            scores = evaluate_tagger(model, data, tokenizer=record.base_model, **options)
+            what = f"{record.reference} on {record.base_model}"
+    if json_output:
+        print_json(scores)
+        return
+    _print_tag_scores(what, data, scores)
+
+
+def _print_tag_scores(what: str, data: Path, scores: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    entities = "entity_f1" in scores
+    size = f"{scores['entities']} entities in {scores['n']} words" if entities else f"n = {scores['n']} words"
+    table = Table(title=f"{what} · {data} · {size}", title_justify="left")
+    for column in ("entity type" if entities else "tag", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="right" if column in ("precision", "recall", "F1", "support") else "left")
+    for label, row in scores["per_class"].items():
+        table.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    console.print(table)
+    if entities:
+        console.print(
+            f"entity F1 [b]{scores['entity_f1']:.4f}[/b]   precision {scores['entity_precision']:.4f}   "
+            f"recall {scores['entity_recall']:.4f}   word accuracy {scores['accuracy']:.4f}"
+        )
+    else:
+        console.print(f"accuracy [b]{scores['accuracy']:.4f}[/b]   macro-F1 {scores['macro_f1']:.4f}")
+    if scores.get("unpredicted_words"):
+        console.print(f"{scores['unpredicted_words']} words cut off at the length limit were scored as unpredicted")
 
 
 def _print_scores(what: str, data: Path, scores: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""The two-phase trainer: language SFTs (masked LM) and task SFTs (sequence classification).
+"""The two-phase trainer: language SFTs (masked LM) and task SFTs (sequence classification; token
+classification for NER / POS).
 
 Importing this package is cheap; the heavy modules load on first use::
 
@@ -21,6 +22,8 @@ _LAZY = {
     "TrainResult": "sftkit.training.trainer",
     "Reporter": "sftkit.training.trainer",
     "evaluate": "sftkit.training.evaluation",
+    "evaluate_tagger": "sftkit.training.evaluation",
+    "load_tagged": "sftkit.training.token_data",
     "load_corpus": "sftkit.training.data",
     "load_labelled": "sftkit.training.data",
 }

@@ -9,19 +9,23 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from typing import Any
 
-from sftkit.artifact import sft_name
+from sftkit.artifact import KINDS, sft_name
 from sftkit.errors import BadInputError
 
-KINDS = ("language", "task")
 METHODS = ("deftx", "lt-sft")
-METRICS = ("loss", "macro_f1", "accuracy")
+METRICS = ("loss", "macro_f1", "accuracy", "entity_f1")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAMPLINGS = ("proportional", "uniform")
 # Automatic head warm-up length for a base without an MLM head (batch-size steps at head_warmup_lr).
 HEAD_WARMUP_STEPS = 200
 PAIR_TASKS = ("nli",)
+# Task SFTs classify a text ("sequence") or tag every word ("token": NER, POS); these names are token tasks.
+TASK_TYPES = ("sequence", "token")
+TOKEN_TASKS = ("ner", "pos")
+TOKEN_METRICS = ("entity_f1", "accuracy", "macro_f1")
 # Fields that act only after phase 1 (selection and what follows): they do not change θ1.
 SELECTION_FIELDS = ("method", "rank", "keep", "k", "sparse_phase", "recipe", "extra")
 
@@ -47,11 +51,19 @@ class TrainConfig:
     # Data: paths or ``hf:owner/name[:config][@split]``; columns for CSV/TSV/JSONL.
     train: str | None = None
     validation: str | None = None
+    # Multi-source task SFTs: source language → {"train": data, "validation": data or None}; each batch comes
+    # from one source with that language's SFT applied. Sampling: "proportional" to data size or "uniform".
+    sources: dict[str, dict[str, str | None]] | None = None
+    source_sampling: str = "proportional"
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str = "label"
     pair: bool | None = None
     labels: tuple[str, ...] | None = None
+    # "sequence" or "token"; None = token for TOKEN_TASKS, else from the training file (CoNLL suffix, JSONL
+    # with a tokens list: ``token_data.looks_tagged``), else sequence. ``to_dict`` records the resolved type.
+    # Token data's JSONL keys: ``tokens`` / ``tags``, or text_column / label_column when set.
+    task_type: str | None = None
     holdout: float = 0.05
     # Schedule: steps = clamp(epochs × steps per epoch, min_steps, max_steps), the same in both phases.
     epochs: float = 1.0
@@ -103,14 +115,68 @@ class TrainConfig:
             return True
         return True if self.task in PAIR_TASKS else None
 
+    @cached_property
+    def resolved_task_type(self) -> str | None:
+        """``"token"`` (NER, POS: a tag per word) or ``"sequence"`` for a task SFT, None for a language SFT."""
+        if self.kind != "task":
+            return None
+        if self.task_type is not None:
+            return self.task_type
+        if self.task in TOKEN_TASKS:
+            return "token"
+        from sftkit.training.token_data import looks_tagged
+
+        data = self._first_train_file
+        return "token" if data is not None and looks_tagged(data, self.token_keys[0]) else "sequence"
+
     @property
+    def token_task(self) -> bool:
+        """A token-level task SFT (NER, POS): a token-classification head, tagged data, entity / tag scores."""
+        return self.resolved_task_type == "token"
+
+    @property
+    def token_keys(self) -> tuple[str, str]:
+        """The JSONL keys of token data's words and tags: ``tokens`` / ``tags`` unless the columns are set."""
+        return self.text_column or "tokens", self.label_column if self.label_column != "label" else "tags"
+
+    @property
+    def collator_kind(self) -> str:
+        """``features.make_collator``'s kind: MLM masking, tag padding (token tasks) or plain padding."""
+        return "tagging" if self.token_task else self.kind
+
+    @property
+    def _first_train_file(self) -> str | None:
+        if self.train is not None:
+            return self.train
+        sources = self.sources or {}
+        return next((d.get("train") for d in sources.values() if isinstance(d, dict) and d.get("train")), None)
+
+    @cached_property
     def best_metric(self) -> str:
-        """Checkpoint selection: validation loss for MLM, accuracy for NLI, macro-F1 otherwise."""
+        """Checkpoint selection: validation loss for MLM, accuracy for NLI, macro-F1 otherwise; token tasks:
+        entity F1 for BIO / IOBES entity tags (NER), accuracy for other tag sets (POS), decided by ``labels``,
+        else the training file's tags, else the task name (``ner``)."""
         if self.metric:
             return self.metric
         if self.kind == "language":
             return "loss"
+        if self.token_task:
+            return self._token_metric()
         return "accuracy" if self.task in PAIR_TASKS else "macro_f1"
+
+    def _token_metric(self) -> str:
+        from sftkit.training.token_data import entity_types, load_tagged, looks_tagged
+
+        labels = self.labels
+        data = self._first_train_file
+        if labels is None and data is not None and looks_tagged(data, self.token_keys[0]) is not False:
+            try:
+                labels = tuple(load_tagged(data, tokens_key=self.token_keys[0], tags_key=self.token_keys[1]).labels)
+            except BadInputError:
+                labels = None  # unreadable here; the trainer reports the error when it loads the data
+        if labels is None:
+            return "entity_f1" if self.task == "ner" else "accuracy"
+        return "entity_f1" if entity_types(labels) is not None else "accuracy"
 
     def with_changes(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied; ``None`` values mean "keep" (unset CLI flags)."""
@@ -119,6 +185,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = list(self.labels) if self.labels is not None else None
+        data["task_type"] = self.resolved_task_type
         return data
 
     @classmethod
@@ -158,10 +225,12 @@ class TrainConfig:
             raise BadInputError(f"keep must be a fraction in [0, 1], not {self.keep}")
         if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) or self.grad_accum < 1:
             raise BadInputError(f"grad_accum must be a positive whole number of micro-batches, not {self.grad_accum!r}")
+        self._check_sources()
         if self.precision not in PRECISIONS:
             raise BadInputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.metric is not None and self.metric not in METRICS:
             raise BadInputError(f"metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
+        self._check_task_type()
         if self.kind == "language" and self.best_metric != "loss":
             raise BadInputError("a language SFT is selected by validation loss (metric 'loss')")
         positive = {
@@ -194,6 +263,36 @@ class TrainConfig:
             raise BadInputError(f"mlm_probability must be in (0, 1), not {self.mlm_probability}")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise BadInputError(f"labels must be distinct: {list(self.labels)}")
+
+    def _check_sources(self) -> None:
+        if self.source_sampling not in SAMPLINGS:
+            raise BadInputError(f"source sampling must be one of {', '.join(SAMPLINGS)}, not {self.source_sampling!r}")
+        if self.sources is None:
+            return
+        if self.kind != "task":
+            raise BadInputError("several source languages apply to task SFTs only")
+        if not self.sources:
+            raise BadInputError("a multi-source task SFT needs at least one source language")
+        if self.train is not None or self.validation is not None:
+            raise BadInputError("give the data of each source language (LANG=DATA), not --train/--validation as well")
+        for language, data in self.sources.items():
+            if not isinstance(data, dict) or set(data) - {"train", "validation"}:
+                raise BadInputError(f"source {language!r}: expected {{'train': …, 'validation': …}}, not {data!r}")
+
+    def _check_task_type(self) -> None:
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise BadInputError(
+                f"task type must be one of {', '.join(TASK_TYPES)} (a label per text or a tag per word), "
+                f"not {self.task_type!r}"
+            )
+        if self.task_type is not None and self.kind != "task":
+            raise BadInputError("a task type (sequence or token) applies to task SFTs only")
+        if self.metric is None or self.kind != "task":
+            return
+        if self.token_task and self.metric not in TOKEN_METRICS:
+            raise BadInputError(f"a token task is selected by one of {', '.join(TOKEN_METRICS)}, not {self.metric!r}")
+        if not self.token_task and self.metric == "entity_f1":
+            raise BadInputError("metric entity_f1 scores token tasks (NER); a sequence task uses macro_f1 or accuracy")
 
     def _check_method_specs(self) -> None:
         """Rank and k are checked now, not after hours of the full phase."""

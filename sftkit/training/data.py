@@ -79,14 +79,14 @@ def load_corpus(source: str | Path | Sequence[str], text_column: str | None = No
         texts = [text for text in texts if text]
         if not texts:
             raise BadInputError("the corpus is empty")
-        return Corpus(texts, MEMORY, _memory_sha256(texts))
+        return Corpus(texts, MEMORY, memory_sha256(texts))
     if str(source).startswith(HUB_PREFIX):
         rows, origin, digest = _hub_rows(str(source))
         column = text_column or _TEXT_DEFAULT
         texts = [str(_field(row, column, origin, line)).strip() for line, row in rows]
         return _nonempty_corpus([text for text in texts if text], origin, digest)
-    path, raw = _read_bytes(source)
-    text = _decode(path, raw)
+    path, raw = read_bytes(source)
+    text = decode_text(path, raw)
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     if _format(path) == "text":
         texts = [line.strip() for line in text.splitlines()]
@@ -118,13 +118,13 @@ def load_labelled(
         rows = list(rows)
         columns = set(rows[0][1]) if rows else set()
     else:
-        path, raw = _read_bytes(source)
+        path, raw = read_bytes(source)
         origin, digest = str(path), "sha256:" + hashlib.sha256(raw).hexdigest()
         if _format(path) == "text":
             raise BadInputError(
                 f"{path}: cannot read labels from a plain-text file; use CSV, TSV or JSONL with a label column"
             )
-        rows = list(_table_rows(path, _decode(path, raw), label_column))
+        rows = list(_table_rows(path, decode_text(path, raw), label_column))
         columns = set(rows[0][1]) if rows else set()
     if not rows:
         raise BadInputError(f"{origin}: no examples (the file is empty)")
@@ -151,14 +151,16 @@ def load_labelled(
 
 
 # ---------------------------------------------------------------------- files
-def _read_bytes(source: str | Path) -> tuple[Path, bytes]:
+def read_bytes(source: str | Path) -> tuple[Path, bytes]:
+    """A data file's path and bytes (the bytes are what its sha256 fingerprint covers)."""
     path = Path(source)
     if not path.is_file():
         raise NotFoundError(f"{path}: no such file")
     return path, path.read_bytes()
 
 
-def _decode(path: Path, raw: bytes) -> str:
+def decode_text(path: Path, raw: bytes) -> str:
+    """UTF-8 text (a BOM is dropped); anything else is an error naming the file."""
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -173,20 +175,25 @@ def _format(path: Path) -> str:
     return {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl"}.get(suffix, "text")
 
 
+def jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank JSONL line; a line that is not a JSON object is an error."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise BadInputError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
+
+
 def _table_rows(path: Path, text: str, key_column: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row as dict) for CSV/TSV/JSONL; a headerless two-field TSV reads as text, label."""
     kind = _format(path)
     if kind == "jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInputError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise BadInputError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-            yield number, row
+        yield from jsonl_rows(path, text)
         return
     if kind == "csv":
         reader = csv.reader(io.StringIO(text, newline=""))
@@ -228,7 +235,8 @@ def _nonempty_corpus(texts: list[str], origin: str, digest: str) -> Corpus:
 
 
 # ---------------------------------------------------------------------- memory and Hub
-def _memory_sha256(items: Any) -> str:
+def memory_sha256(items: Any) -> str:
+    """Fingerprint of in-memory data, as a file's sha256 fingerprints it."""
     return "sha256:" + hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -252,7 +260,7 @@ def _memory_labelled(items: Sequence[Any], allowed: set[str] | None) -> Labelled
     if len(pairs) > 1:
         raise BadInputError("mixed single texts and text pairs")
     content = [[e.text, e.text_pair, e.label] for e in examples]
-    return LabelledData(examples, MEMORY, _memory_sha256(content), pairs.pop())
+    return LabelledData(examples, MEMORY, memory_sha256(content), pairs.pop())
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:

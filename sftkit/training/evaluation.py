@@ -71,6 +71,25 @@ def confusion_of(model: Any, batches: Iterable[dict[str, torch.Tensor]], num_lab
     return confusion
 
 
+def _classifier(model_or_dir: Any, tokenizer: Any, auto_class: Any) -> tuple[Any, Any, list[str]]:
+    """The model (loaded with ``auto_class`` from a directory, or as given), its tokenizer and its labels."""
+    from transformers import AutoTokenizer
+
+    if isinstance(model_or_dir, str | os.PathLike):
+        directory = Path(model_or_dir)
+        if not (directory / "config.json").is_file():
+            raise BadInputError(f"{directory} is not a model directory (no config.json)")
+        model = auto_class.from_pretrained(directory)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
+    else:
+        model = model_or_dir
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.config.name_or_path)
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    id2label = {int(i): str(label) for i, label in model.config.id2label.items()}
+    return model, tokenizer, [id2label[i] for i in range(len(id2label))]
+
+
 def evaluate(
     model_or_dir: Any,
     data: str | os.PathLike[str] | Sequence[Any],
@@ -89,24 +108,12 @@ def evaluate(
     ``data``: a labelled file (CSV/TSV/JSONL, NusaX/SMSA/AmericasNLI formats) or in-memory examples.
     Labels come from the model's ``id2label``; a data label outside it is an error naming the line.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     from sftkit.training.data import load_labelled
     from sftkit.training.features import tokenize_labelled
 
-    if isinstance(model_or_dir, str | os.PathLike):
-        directory = Path(model_or_dir)
-        if not (directory / "config.json").is_file():
-            raise BadInputError(f"{directory} is not a model directory (no config.json)")
-        model = AutoModelForSequenceClassification.from_pretrained(directory)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
-    else:
-        model = model_or_dir
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.config.name_or_path)
-    if isinstance(tokenizer, str | os.PathLike):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    id2label = {int(i): str(label) for i, label in model.config.id2label.items()}
-    labels = [id2label[i] for i in range(len(id2label))]
+    model, tokenizer, labels = _classifier(model_or_dir, tokenizer, AutoModelForSequenceClassification)
     examples = load_labelled(
         data,
         pair=pair,
@@ -163,25 +170,13 @@ def evaluate_tagger(
     of the data is scored: a word that got no prediction (cut off at ``max_length``) counts as ``O`` (NER)
     or wrong (POS), and ``"unpredicted_words"`` says how many there were.
     """
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoModelForTokenClassification
 
     from sftkit.training.features import labelled_words, make_collator, tokenize_tagged
     from sftkit.training.token_data import load_tagged
     from sftkit.training.token_metrics import tag_counts, tag_scores, word_tags
 
-    if isinstance(model_or_dir, str | os.PathLike):
-        directory = Path(model_or_dir)
-        if not (directory / "config.json").is_file():
-            raise BadInputError(f"{directory} is not a model directory (no config.json)")
-        model = AutoModelForTokenClassification.from_pretrained(directory)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
-    else:
-        model = model_or_dir
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.config.name_or_path)
-    if isinstance(tokenizer, str | os.PathLike):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    id2label = {int(i): str(label) for i, label in model.config.id2label.items()}
-    labels = [id2label[i] for i in range(len(id2label))]
+    model, tokenizer, labels = _classifier(model_or_dir, tokenizer, AutoModelForTokenClassification)
     sentences = load_tagged(data, labels, tokens_key=tokens_key, tags_key=tags_key).sentences
     length = max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
     items = tokenize_tagged(tokenizer, sentences, {label: i for i, label in enumerate(labels)}, length)

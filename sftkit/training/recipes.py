@@ -11,6 +11,7 @@ recipes reach theirs by accumulation (``train_mlm.sh`` and ``train_sa.sh``: 4 ×
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
@@ -121,6 +122,10 @@ def make_config(
     elif method is None and rank is not None and str(rank).lower() == "none":
         values["method"] = "lt-sft"
     try:
-        return TrainConfig(kind=kind, language=language, task=task, recipe=recipe, **values)
+        config = TrainConfig(kind=kind, language=language, task=task, recipe=recipe, **values)
     except TypeError as exc:
         raise BadInputError(f"bad training option: {exc}") from exc
+    if config.token_task and overrides.get("metric") is None and config.metric is not None:
+        # A recipe's metric is its own task's (SA's macro-F1): a token task picks entity F1 or accuracy.
+        config = replace(config, metric=None)
+    return config

@@ -31,12 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from sftkit.errors import BadInputError
-from sftkit.training.data import MEMORY, _decode, _memory_sha256, _read_bytes
+from sftkit.training.data import HUB_PREFIX, MEMORY, decode_text, jsonl_rows, memory_sha256, read_bytes
 
 DOCSTART = "-DOCSTART-"
 OUTSIDE = "O"
 _ENTITY_TAG = re.compile(r"^([BIES])-(.+)$")
 _JSON_SUFFIXES = (".jsonl", ".json")
+# Suffixes that say "one word and its tag per line" on their own (``.txt`` / ``.tsv`` do not: SMSA is a TSV).
+TAGGED_SUFFIXES = (".conll", ".conll03", ".conll2003", ".bio", ".iob", ".iob2", ".bioes", ".iobes")
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,38 @@ def label_order(tags: Iterable[str]) -> list[str]:
     return [OUTSIDE] + [f"{prefix}-{kind}" for kind in types for prefix in prefixes]
 
 
+# ---------------------------------------------------------------------- recognising tagged data
+def looks_tagged(source: Any, tokens_key: str = "tokens") -> bool | None:
+    """Whether data holds tagged sentences, without reading all of it: ``True`` for a CoNLL-style suffix
+    (:data:`TAGGED_SUFFIXES`), a JSONL file whose first object has a list under ``tokens_key``, or in-memory
+    ``(words, tags)`` pairs of lists; ``False`` for other files and data; ``None`` when it cannot tell (an
+    ``hf:`` dataset, a missing or unreadable file, no data)."""
+    if source is None:
+        return None
+    if not isinstance(source, str | Path):
+        if not isinstance(source, Sequence) or not source:
+            return None  # an iterator is not consumed to peek at it
+        first = source[0]
+        if isinstance(first, TaggedSentence):
+            return True
+        return isinstance(first, tuple | list) and len(first) == 2 and all(isinstance(x, list) for x in first)
+    if str(source).startswith(HUB_PREFIX):
+        return None
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in TAGGED_SUFFIXES:
+        return True
+    if suffix not in _JSON_SUFFIXES:
+        return False
+    try:
+        with path.open(encoding="utf-8-sig") as handle:
+            line = next((line for line in handle if line.strip()), "")
+        row = json.loads(line)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return isinstance(row, dict) and isinstance(row.get(tokens_key), list)
+
+
 # ---------------------------------------------------------------------- public reader
 def load_tagged(
     source: str | Path | Sequence[Any],
@@ -108,9 +142,9 @@ def load_tagged(
     allowed = list(labels) if labels is not None else None
     if not isinstance(source, str | Path):
         return _memory_tagged(source, allowed)
-    path, raw = _read_bytes(source)
+    path, raw = read_bytes(source)
     origin, digest = str(path), "sha256:" + hashlib.sha256(raw).hexdigest()
-    text = _decode(path, raw)
+    text = decode_text(path, raw)
     if path.suffix.lower() in _JSON_SUFFIXES:
         sentences = _jsonl_sentences(path, text, allowed, tokens_key, tags_key)
     else:
@@ -155,16 +189,8 @@ def _jsonl_sentences(
 ) -> list[TaggedSentence]:
     allowed_set = set(allowed) if allowed is not None else None
     sentences = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in jsonl_rows(path, text):
         where = f"{path}: line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise BadInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
         for key in (tokens_key, tags_key):
             if key not in row:
                 raise BadInputError(f"{where}: no key {key!r} (keys: {', '.join(map(str, row))})")
@@ -190,7 +216,7 @@ def _memory_tagged(items: Sequence[Any], allowed: list[str] | None) -> TaggedDat
     if not sentences:
         raise BadInputError("no tagged sentences")
     content = [[s.words, s.tags] for s in sentences]
-    return TaggedData(sentences, MEMORY, _memory_sha256(content), allowed or label_order(_all_tags(sentences)))
+    return TaggedData(sentences, MEMORY, memory_sha256(content), allowed or label_order(_all_tags(sentences)))
 
 
 # ---------------------------------------------------------------------- checks

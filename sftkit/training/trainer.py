@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,9 +35,9 @@ from sftkit.params import encoder_of, head_parameters, is_maskable_name, maskabl
 from sftkit.sft import SFTMetadata, SparseDelta, SparseFineTuning
 from sftkit.training.checkpoint import RunDirectory
 from sftkit.training.config import HEAD_WARMUP_STEPS, TrainConfig
-from sftkit.training.data import Corpus, LabelledData, load_corpus, load_labelled
+from sftkit.training.data import HUB_PREFIX, Corpus, LabelledData, load_corpus, load_labelled
 from sftkit.training.distributed import Dist
-from sftkit.training.evaluation import confusion_of, scores
+from sftkit.training.evaluation import confusion_of, scores, tag_counts_of
 from sftkit.training.features import (
     IGNORE,
     BatchOrder,
@@ -46,14 +46,24 @@ from sftkit.training.features import (
     make_collator,
     tokenize_corpus,
     tokenize_labelled,
+    tokenize_tagged,
 )
 from sftkit.training.full_phase_cache import FullPhase, FullPhaseCache, cache_key
 from sftkit.training.mlm import masked_lm_loss, warm_up_head
 from sftkit.training.optim import RowSparseAdamW, clip_grad_norm_
 from sftkit.training.sparse import SparseUpdater, unique_head_parameters
+from sftkit.training.streams import Stream, applied, sources_digest, step_schedule
+from sftkit.training.token_data import looks_tagged
 
 PHASES = ("full", "sparse")
-HEAD_TYPES = {"language": "masked-lm", "task": "sequence-classification"}
+HEAD_TYPES = {"language": "masked-lm", "task": "sequence-classification", "token": "token-classification"}
+# What a token task's validation reports (``token_metrics.tag_scores``; entity scores for NER only).
+TOKEN_SCORES = ("entity_f1", "entity_precision", "entity_recall", "accuracy", "macro_f1")
+
+
+def _head_type(config: TrainConfig) -> str:
+    """The head a run trains: masked LM, sequence classification, or token classification (NER, POS)."""
+    return HEAD_TYPES["token" if config.token_task else config.kind]
 
 
 class Reporter(Protocol):
@@ -110,10 +120,12 @@ def train_sft(config: TrainConfig, **kwargs: Any) -> SparseFineTuning:
 def train(
     config: TrainConfig,
     *,
-    train_data: Sequence[Any] | str | None = None,
-    validation_data: Sequence[Any] | str | None = None,
+    train_data: Sequence[Any] | Mapping[str, Any] | str | None = None,
+    validation_data: Sequence[Any] | Mapping[str, Any] | str | None = None,
     source: SparseFineTuning | None = None,
     source_lineage: dict[str, Any] | None = None,
+    sources: Mapping[str, SparseFineTuning] | None = None,
+    source_lineages: Mapping[str, dict[str, Any]] | None = None,
     work_dir: str | Path | None = None,
     resume: bool = False,
     keep_work_dir: bool = False,
@@ -125,7 +137,10 @@ def train(
     ``train_data`` / ``validation_data``: in-memory data (texts; ``(text, label)`` or ``(premise,
     hypothesis, label)`` tuples) or a path, overriding ``config.train`` / ``config.validation``.
     ``source``: the source-language SFT a task SFT starts from (θ_start = θ0 + φ_source); its
-    ``source_lineage`` ({reference, sha256, language}) goes into the metadata. ``work_dir`` holds
+    ``source_lineage`` ({reference, sha256, language}) goes into the metadata. ``sources``: a multi-source
+    task SFT's language SFTs by language (θ_start = θ0; each batch comes from one source with its SFT
+    applied), their data in ``config.sources`` or as ``train_data`` / ``validation_data`` mappings by
+    language, their lineage in ``source_lineages``. ``work_dir`` holds
     checkpoints (a temporary directory by default); ``resume`` continues the interrupted run in it.
     The run directory is removed after success unless ``keep_work_dir``. ``full_phase_cache``: a
     directory where phase 1 is looked up and stored, shared by runs that differ only in method, rank,
@@ -140,6 +155,8 @@ def train(
             (train_data, validation_data),
             source,
             source_lineage,
+            sources,
+            source_lineages,
             work_dir,
             resume,
             FullPhaseCache(full_phase_cache) if full_phase_cache is not None else None,
@@ -195,7 +212,16 @@ def _load_data(config: TrainConfig, tokenizer: Any, train_data: Any, validation_
         train_items = tokenize_corpus(tokenizer, train_texts, length)
         validation_items = tokenize_corpus(tokenizer, held_texts, length)
         record = {"train": corpus.describe(), "validation": held.describe() if held else None}
+    elif cfg.token_task:
+        train_items, validation_items, labels, record = _load_tagged_data(
+            cfg, tokenizer, train_source, validation_source
+        )
     else:
+        if cfg.task_type is None and looks_tagged(train_source):
+            raise BadInputError(
+                f"the training data of task {cfg.task!r} is tagged sentences, but the run was set up for a sequence "
+                "task (its training file was not known): set task_type='token' (--task-type token)"
+            )
         options = {
             "text_column": cfg.text_column,
             "text_pair_column": cfg.text_pair_column,
@@ -222,6 +248,95 @@ def _load_data(config: TrainConfig, tokenizer: Any, train_data: Any, validation_
     return _LoadedData(train_items, validation_items, labels, record)
 
 
+def _load_tagged_data(
+    cfg: TrainConfig, tokenizer: Any, train_source: Any, validation_source: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], dict[str, Any]]:
+    """Token tasks (NER, POS): CoNLL / JSONL sentences, labelled at each word's first sub-token.
+
+    Tags come from ``cfg.labels`` (which also names integer JSONL tags) or from the data (``label_order``);
+    the validation data (or the held-out sentences) must use the same tags.
+    """
+    from sftkit.training.token_data import load_tagged
+    from sftkit.training.token_metrics import best_metric
+
+    for source in (train_source, validation_source):
+        if isinstance(source, str) and source.startswith(HUB_PREFIX):
+            raise BadInputError(f"{source}: token tasks read CoNLL or JSONL files (or in-memory sentences)")
+        if isinstance(source, str | Path) and Path(source).suffix.lower() == ".csv":
+            raise BadInputError(f"{source}: token tasks read CoNLL (word<TAB>tag) or JSONL (tokens, tags), not CSV")
+    tokens_key, tags_key = cfg.token_keys
+    tagged = load_tagged(train_source, cfg.labels, tokens_key=tokens_key, tags_key=tags_key)
+    labels = tagged.labels
+    if len(labels) < 2:
+        raise BadInputError(f"{tagged.source}: only one tag ({labels[0]}); a tagger needs two")
+    wanted = best_metric(labels)
+    if cfg.metric is None and cfg.best_metric != wanted:
+        raise BadInputError(
+            f"{tagged.source}: these tags are scored by {wanted}, but the run was set up to select by "
+            f"{cfg.best_metric} (its tags were not known): set metric={wanted!r} or labels=[…]"
+        )
+    held = None
+    if validation_source is not None:
+        held = load_tagged(validation_source, labels, tokens_key=tokens_key, tags_key=tags_key)
+        train_sentences, held_sentences = tagged.sentences, held.sentences
+    else:
+        train_sentences, held_sentences = holdout_split(tagged.sentences, cfg.holdout, cfg.seed)
+    label2id = {label: i for i, label in enumerate(labels)}
+    train_items = tokenize_tagged(tokenizer, train_sentences, label2id, cfg.max_length)
+    validation_items = tokenize_tagged(tokenizer, held_sentences, label2id, cfg.max_length)
+    record = {"train": tagged.describe(), "validation": held.describe() if held else None}
+    return train_items, validation_items, labels, record
+
+
+def _load_sources(
+    config: TrainConfig, tokenizer: Any, data: tuple[Any, Any], languages: list[str | None]
+) -> list[_LoadedData]:
+    """The data of each stream: the run's data, or each source language's (in ``languages`` order).
+
+    A multi-source run reads each language's data from ``data`` when given as mappings by language, else
+    from ``config.sources``; all sources share one label set (the first source's, or ``config.labels``).
+    """
+    if languages == [None]:
+        return [_load_data(config, tokenizer, *data)]
+    loaded: list[_LoadedData] = []
+    for language in languages:
+        assert language is not None
+        given = (config.sources or {}).get(language, {})
+        train, validation = (part.get(language) if isinstance(part, Mapping) else None for part in data)
+        train = train if train is not None else given.get("train")
+        if train is None:
+            raise BadInputError(f"source language {language!r} has no training data: give it as {language}=FILE")
+        labels = loaded[0].labels if loaded else config.labels
+        # Each part reads one file: the run's task type and metric are decided once, from all of them.
+        part_config = replace(
+            config,
+            sources=None,
+            labels=tuple(labels) if labels else None,
+            task_type=config.resolved_task_type,
+            metric=config.best_metric,
+        )
+        loaded.append(_load_data(part_config, tokenizer, train, validation or given.get("validation")))
+    return loaded
+
+
+def _order(examples: int, batch_size: int, config: TrainConfig, dist: Dist) -> BatchOrder:
+    return BatchOrder(examples, batch_size, config.seed, dist.rank, dist.world)
+
+
+def _check_source(source: SparseFineTuning, fingerprint: str, config: TrainConfig) -> None:
+    """A source SFT must be a language SFT trained on this very base."""
+    if config.kind == "language":
+        raise BadInputError("a source-language SFT only applies to task SFTs")
+    if source.metadata.kind != "language":
+        raise BadInputError("the source SFT must be a language SFT")
+    theirs = source.metadata.base_fingerprint
+    if theirs is not None and theirs != fingerprint:
+        raise BaseMismatchError(
+            f"source-language SFT {source.metadata.name!r} was trained on base "
+            f"{source.metadata.base_model!r}, not on {config.base_model!r}"
+        )
+
+
 @dataclass(frozen=True)
 class _StartModel:
     model: nn.Module
@@ -240,7 +355,7 @@ def _load_model(
     cfg, language_mode = config, config.kind == "language"
     torch.manual_seed(cfg.seed)  # the classifier head's initialisation
     with quiet_transformers():
-        model, missing = load_base_reporting(cfg.base_model, HEAD_TYPES[cfg.kind], labels, cfg.base_revision)
+        model, missing = load_base_reporting(cfg.base_model, _head_type(cfg), labels, cfg.base_revision)
     model = model.to(device)
     fingerprint = base_fingerprint(model)
     prefix = f"{model.base_model_prefix}."
@@ -253,16 +368,7 @@ def _load_model(
     else:
         warmup_steps = cfg.head_warmup_steps or 0
     if source is not None:
-        if language_mode:
-            raise BadInputError("a source-language SFT only applies to task SFTs")
-        if source.metadata.kind != "language":
-            raise BadInputError("the source SFT must be a language SFT")
-        theirs = source.metadata.base_fingerprint
-        if theirs is not None and theirs != fingerprint:
-            raise BaseMismatchError(
-                f"source-language SFT {source.metadata.name!r} was trained on base "
-                f"{source.metadata.base_model!r}, not on {cfg.base_model!r}"
-            )
+        _check_source(source, fingerprint, cfg)
         source.apply(model, with_head=False)
     maskable_entries = sum(param.numel() for _, param in maskable_parameters(model))
     k = resolve_k(cfg.k, maskable_entries)
@@ -447,13 +553,13 @@ class _Run:
     device: torch.device
     language_mode: bool  # MLM on raw text (a language SFT) or classification (a task SFT)
     tokenizer: Any
-    train_items: list[dict[str, Any]]  # tokenised examples
-    validation_items: list[dict[str, Any]]
-    validation_batches: list[dict[str, torch.Tensor]]  # collated once: the same batches at every evaluation
+    streams: list[Stream]  # the training examples: one stream, or one per source language (multi-source)
+    schedule: list[tuple[int, int]]  # per optimiser step: (stream, that stream's own step)
+    validation_items: int  # how many validation examples
+    validation_batches: list[tuple[int, dict[str, torch.Tensor]]]  # (stream, batch), collated once
     labels: list[str] | None  # a task's label names, in id order
     data_record: dict[str, Any]  # what the data was (sft_config.json's ``data``)
     collate: Any  # examples → a batch (MLM masking drawn from the step's seed)
-    order: BatchOrder  # which examples each step of this process trains on
     total_steps: int  # per phase
     model: nn.Module  # θ_start: θ0 (+ φ_source for a task SFT), moved to ``device``
     base_fingerprint: str  # θ0's, before any source SFT was applied
@@ -461,7 +567,8 @@ class _Run:
     fresh_head: list[str]  # head weights the checkpoint lacked
     head_warmup_steps: int
     lineage: dict[str, Any] | None  # the source SFT's reference, sha256 and language
-    source_digest: str | None  # the source SFT's content (part of the full-phase cache key)
+    source_lineages: list[dict[str, Any]] | None  # a multi-source SFT's sources, by language
+    source_digest: str | None  # the source SFTs' content (part of the full-phase cache key)
     maskable_entries: int
     k: int  # entries to select
     run_dir: RunDirectory  # checkpoints, best states, the selection
@@ -479,6 +586,8 @@ class _Run:
         data: tuple[Any, Any],
         source: SparseFineTuning | None,
         lineage: dict[str, Any] | None,
+        sources: Mapping[str, SparseFineTuning] | None,
+        source_lineages: Mapping[str, dict[str, Any]] | None,
         work_dir: str | Path | None,
         resume: bool,
         full_cache: FullPhaseCache | None,
@@ -487,15 +596,44 @@ class _Run:
         device = dist.device(config.device)
         if config.precision == "fp16" and device.type != "cuda":
             raise BadInputError(f"precision fp16 needs a CUDA GPU (this run is on {device.type}): use bf16 or fp32")
+        if source is not None and sources:
+            raise BadInputError("give one source-language SFT or several sources, not both")
         tokenizer = _load_tokenizer(config)
-        loaded = _load_data(config, tokenizer, *data)
+        languages: list[str | None] = sorted(sources) if sources else [None]
+        loaded = _load_sources(config, tokenizer, data, languages)
+        labels = loaded[0].labels
         if source is not None and lineage is None:
             lineage = {"reference": None, "sha256": None, "language": source.metadata.language}
-        start = _load_model(config, device, loaded.labels, source)
-        # Task validation sorted by length (less padding; the metrics ignore order); MLM blocks are equal.
+        start = _load_model(config, device, labels, source)
+        sfts = dict(sources or {})
+        for sft in sfts.values():
+            _check_source(sft, start.base_fingerprint, config)
+        lineages = None
+        if sources:
+            given = source_lineages or {}
+            lineages = [
+                {"reference": None, "sha256": None, **given.get(language, {}), "language": language}
+                for language in sorted(sfts)
+            ]
         language_mode = config.kind == "language"
-        held = loaded.validation_items if language_mode else sorted(loaded.validation_items, key=_length)
-        validation_collate = make_collator(config.kind, tokenizer, config.mlm_probability, seed=config.seed)
+        validation_collate = make_collator(config.collator_kind, tokenizer, config.mlm_probability, seed=config.seed)
+        validation_batches = []
+        for index, part in enumerate(loaded):
+            # Task validation sorted by length (less padding; the metrics ignore order); MLM blocks are equal.
+            held = part.validation_items if language_mode else sorted(part.validation_items, key=_length)
+            validation_batches += [(index, b) for b in fixed_batches(held, validation_collate, config.eval_batch_size)]
+        batch = config.effective_batch_size
+        streams = [
+            Stream(language, sfts.get(language), part.train_items, _order(len(part.train_items), batch, config, dist))
+            for language, part in zip(languages, loaded, strict=True)
+        ]
+        total_steps = config.total_steps(sum(len(part.train_items) for part in loaded))
+        sizes = [len(part.train_items) for part in loaded]
+        record = (
+            loaded[0].record
+            if not sources
+            else {"sources": {language: part.record for language, part in zip(languages, loaded, strict=True)}}
+        )
         if work_dir is None and resume:
             raise BadInputError("resume needs the run directory of the interrupted run (work_dir)")
         directory = str(work_dir) if work_dir else None
@@ -504,14 +642,15 @@ class _Run:
         run_dir = RunDirectory(dist.broadcast(directory), writer=dist.is_main)
         manifest = {
             "config": config.to_dict(),
-            "data": loaded.record,
-            "source_sft": lineage if source is not None else None,
+            "data": record,
+            "source_sft": lineage if source is not None else lineages,
             "world_size": dist.world,
         }
         resuming = run_dir.start(manifest, resume)
         dist.barrier()
         if resuming:
             reporter.note(f"resuming the run in {run_dir.path}")
+        digest = source.delta_digest() if source is not None else (sources_digest(sfts) if sfts else None)
         return cls(
             config=config,
             dist=dist,
@@ -519,21 +658,22 @@ class _Run:
             device=device,
             language_mode=language_mode,
             tokenizer=tokenizer,
-            train_items=loaded.train_items,
-            validation_items=loaded.validation_items,
-            validation_batches=fixed_batches(held, validation_collate, config.eval_batch_size),
-            labels=loaded.labels,
-            data_record=loaded.record,
-            collate=make_collator(config.kind, tokenizer, config.mlm_probability),
-            order=BatchOrder(len(loaded.train_items), config.effective_batch_size, config.seed, dist.rank, dist.world),
-            total_steps=config.total_steps(len(loaded.train_items)),
+            streams=streams,
+            schedule=step_schedule(sizes, batch, config.source_sampling, config.seed, total_steps),
+            validation_items=sum(len(part.validation_items) for part in loaded),
+            validation_batches=validation_batches,
+            labels=labels,
+            data_record=record,
+            collate=make_collator(config.collator_kind, tokenizer, config.mlm_probability),
+            total_steps=total_steps,
             model=start.model,
             base_fingerprint=start.base_fingerprint,
             head=start.head,
             fresh_head=start.fresh_head,
             head_warmup_steps=start.head_warmup_steps,
             lineage=lineage if source is not None else None,
-            source_digest=source.delta_digest() if source is not None else None,
+            source_lineages=lineages,
+            source_digest=digest,
             maskable_entries=start.maskable_entries,
             k=start.k,
             run_dir=run_dir,
@@ -558,11 +698,12 @@ class _Run:
         self.reporter.note(f"fitting the fresh MLM head for {steps} steps with the encoder frozen")
         self.reporter.phase_started("head warm-up", steps, 0)
 
-        whole = BatchOrder(len(self.train_items), cfg.batch_size, cfg.seed)  # every process: the same batches
+        items = self.streams[0].items  # a language SFT: one stream
+        whole = BatchOrder(len(items), cfg.batch_size, cfg.seed)  # every process: the same batches
 
         def batch_at(step: int) -> dict[str, torch.Tensor]:
             torch.manual_seed(_step_seed(cfg.seed, 2, 0, step))
-            batch = self.collate([self.train_items[i] for i in whole.indices(step)])
+            batch = self.collate([items[i] for i in whole.indices(step)])
             return {key: value.to(self.device) for key, value in batch.items()}
 
         losses = warm_up_head(self.model, self.head, batch_at, steps, cfg.head_warmup_lr, self.reporter.step)
@@ -740,7 +881,12 @@ class _Run:
         self.reporter.phase_started(name, self.total_steps, progress["step"])
         self.model.train()
         for step in range(progress["step"], self.total_steps):
-            loss = self._accumulate(phase, self._micro_batches(index, step), scaler)
+            stream, batches = self._micro_batches(index, step)
+            with applied(stream.sft, self.model):  # a multi-source batch: its language's SFT, exactly undone
+                loss = self._accumulate(phase, batches, scaler)
+            regulariser = phase.regularisation()  # on θ itself, once per step, after every micro-batch
+            if regulariser.requires_grad:
+                (scaler.scale(regulariser) if scaler is not None else regulariser).backward()
             phase.reduce_gradients()
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -777,14 +923,16 @@ class _Run:
         self.reporter.phase_finished(name, summary)
         return summary
 
-    def _micro_batches(self, index: int, step: int) -> list[dict[str, torch.Tensor]]:
-        """This process's examples of optimiser step ``step``, collated as ``grad_accum`` micro-batches."""
+    def _micro_batches(self, index: int, step: int) -> tuple[Stream, list[dict[str, torch.Tensor]]]:
+        """The stream of optimiser step ``step`` and this process's examples of it, as ``grad_accum`` micro-batches."""
         cfg = self.config
+        stream_index, stream_step = self.schedule[step]
+        stream = self.streams[stream_index]
         torch.manual_seed(_step_seed(cfg.seed, index, self.dist.rank, step))
-        examples = [self.train_items[i] for i in self.order.indices(step)]
+        examples = [stream.items[i] for i in stream.order.indices(stream_step)]
         size = -(-len(examples) // cfg.grad_accum)
         batches = [self.collate(examples[first : first + size]) for first in range(0, len(examples), size)]
-        return [{key: value.to(self.device) for key, value in batch.items()} for batch in batches]
+        return stream, [{key: value.to(self.device) for key, value in batch.items()} for batch in batches]
 
     def _accumulate(
         self, phase: _DensePhase | _SparsePhase, batches: list[dict[str, torch.Tensor]], scaler: Any
@@ -812,8 +960,6 @@ class _Run:
                     else:  # a micro-batch without labelled items has a NaN mean: it contributes nothing
                         loss = model(**batch).loss.nan_to_num(0.0) * (count / total_items)
                 step_loss += float(loss.detach())
-                if last:  # the regulariser once per step, after every micro-batch has been observed
-                    loss = loss + phase.regularisation().to(loss.device)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
         return step_loss
 
@@ -831,12 +977,19 @@ class _Run:
         self.model.eval()
         try:
             with self._autocast():
-                return self._scores(mine)
+                return self._scores(self._with_sources(mine))
         finally:
             self.model.train()
 
+    def _with_sources(self, batches: list[tuple[int, dict[str, torch.Tensor]]]) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches, each one processed with its stream's language SFT applied (multi-source)."""
+        for stream_index, batch in batches:
+            with applied(self.streams[stream_index].sft, self.model):
+                yield batch
+
     def _scores(self, mine: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """MLM loss over the masked tokens, or a classifier's macro-F1 and accuracy."""
+        """MLM loss over the masked tokens, a classifier's macro-F1 and accuracy, or a tagger's scores (entity
+        F1 / precision / recall for NER, word accuracy and macro-F1 over tags or entity types)."""
         if self.language_mode:
             totals = torch.zeros(2, dtype=torch.float64)
             for batch in mine:
@@ -847,6 +1000,11 @@ class _Run:
             self.dist.sum_(totals)
             return {"loss": float(totals[0] / totals[1]) if totals[1] else float("nan")}
         assert self.labels is not None
+        if self.config.token_task:
+            from sftkit.training.token_metrics import tag_scores
+
+            tagged = tag_scores(self.dist.sum_(tag_counts_of(self.model, mine, self.labels)), self.labels)
+            return {key: tagged[key] for key in TOKEN_SCORES if key in tagged}
         confusion = self.dist.sum_(confusion_of(self.model, mine, len(self.labels)))
         result = scores(confusion, self.labels)
         return {"macro_f1": result["macro_f1"], "accuracy": result["accuracy"]}
@@ -866,8 +1024,8 @@ class _Run:
         trainer.update(
             {
                 "steps_per_phase": self.total_steps,
-                "train_examples": len(self.train_items),
-                "validation_examples": len(self.validation_items),
+                "train_examples": sum(len(stream.items) for stream in self.streams),
+                "validation_examples": self.validation_items,
                 "world_size": self.dist.world,
                 "device": self.device.type,
                 "variant": cfg.variant,
@@ -883,7 +1041,7 @@ class _Run:
             base_model=cfg.base_model,
             base_revision=cfg.base_revision,
             base_fingerprint=self.base_fingerprint,
-            head_type=HEAD_TYPES[cfg.kind],
+            head_type=_head_type(cfg),
             method=cfg.method,
             rank=str(cfg.rank).lower(),
             keep=cfg.keep if cfg.method == "deftx" else None,
@@ -891,6 +1049,7 @@ class _Run:
             maskable_entries=self.maskable_entries,
             density=self.k / self.maskable_entries,
             source_sft=self.lineage,
+            source_sfts=self.source_lineages,
             metrics=summaries,
             trainer=trainer,
             rank_report=selection_info.get("rank_report", []),
