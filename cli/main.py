@@ -79,7 +79,7 @@ def _global(
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-# Each module defines ``register(app)``; they import torch and transformers only inside commands.
+# Each module defines ``register(app)``; library imports stay inside commands (see sftkit.cli.commands).
 COMMAND_MODULES: tuple[str, ...] = (
     "sftkit.cli.commands.demo",
     "sftkit.cli.commands.compose",

@@ -373,7 +373,7 @@ class Registry(Finder):
                 f"the artifact of {record.reference} at {path} does not match its sha256 {record.short_sha}: it was "
                 "modified or damaged, so it is not loaded (`sftkit verify`; re-add it from its source)"
             )
-        from sftkit.sft import SparseFineTuning
+        from sftkit.sft import SparseFineTuning  # torch only when an SFT is loaded: `list`/`show` never do
 
         return SparseFineTuning.load(path)
 

@@ -112,7 +112,7 @@ class Database:
 
     def upgrade(self) -> tuple[str | None, str | None]:
         """Migrate to the newest schema in one transaction (concurrent upgrades queue); returns (before, after)."""
-        from alembic import command
+        from alembic import command  # alembic only when a schema is created or upgraded
         from alembic.config import Config
 
         before = self.revision()

@@ -136,6 +136,6 @@ def open_listing(
         listing = SQLiteListing.open(home_dir, store_directory(home_dir, store))
         if listing is not None:
             return listing
-    from sftkit.registry.core import Registry
+    from sftkit.registry.core import Registry  # SQLAlchemy only when the fast path cannot answer
 
     return Registry.open(home=home, url=url, store=store)

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
 from sftkit.errors import BadInputError
 
 HEADS = ("sequence-classification", "token-classification", "masked-lm", "none")
@@ -25,7 +27,7 @@ _ARCHITECTURE_SUFFIXES = {
 @contextmanager
 def quiet_transformers():
     """Silence load reports and weight-loading bars: the fresh classifier they warn about is overwritten."""
-    from transformers.utils import logging
+    from transformers.utils import logging  # transformers loads in the functions that need a model (+0.6 s)
 
     previous, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
@@ -40,7 +42,7 @@ def quiet_transformers():
 
 def head_class(head: str, labels: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
     """The transformers Auto class of a head and the config overrides it needs (a classifier's labels)."""
-    from transformers import (
+    from transformers import (  # see quiet_transformers
         AutoModel,
         AutoModelForMaskedLM,
         AutoModelForSequenceClassification,
@@ -92,8 +94,6 @@ def untie_decoder(model: Any, freeze: bool) -> Any:
     composition of one rebuilds it: θ0's embeddings in the decoder, θ0 + φ_L in the encoder. Returns None
     when the model has no output embedding; an already untied decoder keeps its values.
     """
-    import torch
-
     output = model.get_output_embeddings()
     if output is None:
         return None

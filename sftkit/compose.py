@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from sftkit.artifact import CARD_NAME
 from sftkit.atomic import atomic_directory, check_target
 from sftkit.base_model import head_of_architecture, load_base, quiet_transformers, untie_decoder
@@ -120,8 +122,6 @@ def _export(
     max_shard_size: str | int,
     overwrite: bool,
 ) -> Path:
-    from transformers import AutoTokenizer
-
     check_target(target, overwrite)
     source = tokenizer if tokenizer is not None else model.config.name_or_path
     if isinstance(source, str | os.PathLike):

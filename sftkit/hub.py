@@ -22,8 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi, errors, is_offline_mode, snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from sftkit.artifact import ARTIFACT_FILES, CARD_NAME, LTSFT_FILE, SIDECAR_NAME, sft_name
 from sftkit.errors import BadInputError, NotFoundError, SftkitError
+from sftkit.interop import detect_format, import_sft
 
 # Files an SFT repo is made of (either format); nothing else in the directory is uploaded.
 UPLOAD_PATTERNS = [*ARTIFACT_FILES, LTSFT_FILE, SIDECAR_NAME]
@@ -33,8 +37,6 @@ _TASK_REPO = re.compile(r"(?:^|-)task-sft-([A-Za-z0-9_]+?)(?:-ms)?$")
 
 def parse_repo_spec(spec: str) -> tuple[str, str | None]:
     """``owner/repo[@rev]`` (an optional ``hf:`` prefix is accepted) → (repo id, revision or None)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     text = spec[3:] if spec.startswith("hf:") else spec
     repo_id, _, revision = text.partition("@")
     if "/" not in repo_id:
@@ -51,8 +53,6 @@ def parse_repo_spec(spec: str) -> tuple[str, str | None]:
 @contextmanager
 def hub_errors(repo_id: str, action: str) -> Iterator[None]:
     """Translate huggingface_hub's exceptions into one clear line each."""
-    from huggingface_hub import errors
-
     try:
         import httpx2  # huggingface_hub's HTTP client; its network errors are not wrapped
 
@@ -88,15 +88,11 @@ def hub_errors(repo_id: str, action: str) -> Iterator[None]:
 
 
 def _offline() -> bool:
-    from huggingface_hub import is_offline_mode
-
     return is_offline_mode()
 
 
 def download(repo_spec: str, local_files_only: bool | None = None) -> Path:
     """Snapshot of the repo as it is (either format), from the Hub or the local cache when offline."""
-    from huggingface_hub import snapshot_download
-
     repo_id, revision = parse_repo_spec(repo_spec)
     offline = _offline() if local_files_only is None else local_files_only
     with hub_errors(repo_id, "download"):
@@ -124,8 +120,6 @@ def metadata_from_repo_name(repo_id: str) -> dict[str, Any]:
 def repo_overrides(snapshot: Path, repo_id: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """Metadata for a pulled snapshot: the user's, completed from the repo name for a bare LT-SFT repo
     (our format and our LT-SFT exports carry their own metadata)."""
-    from sftkit.interop import detect_format
-
     bare_ltsft = detect_format(snapshot) == "lt-sft" and not (snapshot / SIDECAR_NAME).is_file()
     if not bare_ltsft or "kind" in given:
         return dict(given)
@@ -149,8 +143,6 @@ def pull(
     Our-format repos are returned as the cached snapshot; LT-SFT repos are converted once per commit
     and metadata (``overrides``, ``base``) into ``cache_root``.
     """
-    from sftkit.interop import detect_format, import_sft
-
     repo_id, _ = parse_repo_spec(repo_spec)
     snapshot = download(repo_spec, local_files_only=local_files_only)
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
@@ -177,10 +169,6 @@ def push(
     commit_message: str | None = None,
 ) -> str:
     """Upload an SFT directory (either format) with its model card; returns the commit URL."""
-    from huggingface_hub import HfApi
-
-    from sftkit.interop import detect_format
-
     source = Path(directory)
     kind = detect_format(source)
     if not (source / CARD_NAME).is_file():

@@ -32,7 +32,7 @@ def is_norm_name(name: str) -> bool:
 
 
 def _norm_parameter_names(module: nn.Module) -> set[str]:
-    from torch import nn
+    from torch import nn  # here, not above: `sftkit show` reads parameter names without importing torch
 
     names: set[str] = set()
     for module_name, sub in module.named_modules():

@@ -3,6 +3,8 @@ language-vs-task comparisons per method (Fig. 2) and for a pair's per-layer / pe
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend state), so this
 works headless and inside other programs that use matplotlib. Files are written atomically.
+matplotlib is imported inside the drawing functions: `sftkit overlap` uses this module's formatting
+for its tables and needs matplotlib (≈ 0.5 s to import) only with --plot.
 """
 
 from __future__ import annotations

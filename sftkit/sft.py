@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -212,7 +212,6 @@ class SparseFineTuning:
             config.pop(derived, None)
         try:
             tensors = load_file(str(weights_path))
-            from safetensors import safe_open
 
             with safe_open(str(weights_path), framework="pt") as handle:
                 header = handle.metadata() or {}

@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig
+from transformers.utils.hub import convert_file_size_to_int
 
 from sftkit.artifact import CARD_NAME
 from sftkit.atomic import atomic_directory
@@ -62,7 +65,6 @@ def base_snapshot(base: str, revision: str | None) -> Path:
     path = Path(base)
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(base, revision=revision, allow_patterns=_SNAPSHOT_PATTERNS))
@@ -81,8 +83,6 @@ def _checkpoint_files(snapshot: Path) -> list[Path] | None:
 
 def _target_model(snapshot: Path, composition: Plan):
     """The output model class on the meta device: names, shapes and head, with no weights."""
-    from transformers import AutoConfig
-
     auto, overrides = head_class(composition.head, composition.labels)
     config = AutoConfig.from_pretrained(snapshot, **overrides)
     with torch.device("meta"):
@@ -90,8 +90,6 @@ def _target_model(snapshot: Path, composition: Plan):
 
 
 def _shard_limit(max_shard_size: str | int) -> int:
-    from transformers.utils.hub import convert_file_size_to_int
-
     return convert_file_size_to_int(max_shard_size)
 
 

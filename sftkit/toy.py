@@ -13,7 +13,10 @@ masked LM to learn and to align across languages. Its sentiment label is the sig
 
 from __future__ import annotations
 
+import csv
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,8 +86,6 @@ def write_corpus(path: Path, lines: list[str]) -> Path:
 
 def write_labelled_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
     """NusaX-style CSV: ``id,text,label``."""
-    import csv
-
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "text", "label"])
@@ -106,6 +107,7 @@ def build_tiny_base(
     The directory loads with ``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification`` /
     ``AutoTokenizer.from_pretrained`` like any Hub checkpoint.
     """
+    # The toy world is plain Python; only building the model needs these (the tests build a few worlds).
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaForMaskedLM
@@ -151,9 +153,6 @@ def _wordpiece_vocab(texts: list[str], size: int, specials: list[str]) -> dict[s
     Built here rather than by ``tokenizers``' WordPiece trainer, whose merges tie-break in hash order and
     so differ from process to process: the same seed must give the same toy model, and the same demo.
     """
-    import re
-    from collections import Counter
-
     words = Counter(word for text in texts for word in re.findall(r"\w+|[^\w\s]+", text.lower()))
     characters = sorted({character for word in words for character in word})
     tokens = [*specials, *characters, *(f"##{character}" for character in characters)]

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from sftkit.artifact import CONFIG_NAME, LTSFT_FILE, WEIGHTS_NAME
+from sftkit.base_model import load_base
 from sftkit.errors import BadInputError, BaseMismatchError
+from sftkit.fingerprint import base_fingerprint
 from sftkit.interop.ltsft import ReadResult, read_ltsft, write_ltsft
 from sftkit.sft import SFTMetadata, SparseFineTuning
 
@@ -42,8 +44,6 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 def _load_base(base: str, revision: str | None, notes: list[str]):
     """The base encoder, or None (with a note) when it cannot be loaded, e.g. a Hub id while offline."""
-    from sftkit.base_model import load_base
-
     try:
         return load_base(base, "none", revision=revision)
     except BadInputError as exc:
@@ -91,8 +91,6 @@ def import_sft(
         if metadata.base_fingerprint is None and not notes:
             result.notes.append("base fingerprint unknown (give --base to record it); compose cannot check the base")
         return result
-    from sftkit.fingerprint import base_fingerprint
-
     fingerprint = base_fingerprint(model)
     if metadata.base_fingerprint not in (None, fingerprint):
         raise BaseMismatchError(
@@ -107,6 +105,7 @@ def encoder_prefix(base_model: str | None, revision: str | None = None) -> str:
     """The attribute under which the base model's class keeps its encoder (``roberta``, ``bert``)."""
     if not base_model:
         raise BadInputError("the SFT records no base model, so its parameter prefix is unknown: pass --prefix")
+    # transformers only here: importing and exporting our own format never loads a model.
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 

@@ -36,12 +36,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from sftkit.artifact import CARD_NAME, LTSFT_FILE, SIDECAR_NAME
 from sftkit.atomic import atomic_directory
 from sftkit.errors import BadInputError, BaseMismatchError
+from sftkit.params import maskable_parameters
 from sftkit.sft import SFTMetadata, SparseDelta, SparseFineTuning
 
 # SIDECAR_NAME is written next to pytorch_diff.bin by our export (composable-sft ignores it) so that a
@@ -90,8 +92,6 @@ def _reordered(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, ..
 def _allowed_numpy_globals() -> list[Any]:
     """Exactly what a numpy int64 scalar needs: ``scalar`` (numpy 2 and numpy 1 module names), ``dtype``
     and the int64 dtype class that ``dtype.__setstate__`` builds."""
-    import numpy as np
-
     core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
     scalar = core.multiarray.scalar
     return [
@@ -136,8 +136,6 @@ def load_pytorch_diff(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- decoding
 def _first_index(value: Any, name: str) -> int:
-    import numpy as np
-
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise BadInputError(f"{name}: index_steps must hold integers, not {type(value).__name__}")
     return int(value)
@@ -297,8 +295,6 @@ def read_ltsft(
     if base is not None:
         _check_shapes(sft, base_params)
         if sidecar is None:
-            from sftkit.params import maskable_parameters
-
             metadata.maskable_entries = sum(int(p.numel()) for _, p in maskable_parameters(base))
             metadata.k = sft.num_entries
             metadata.density = sft.num_entries / metadata.maskable_entries if metadata.maskable_entries else None

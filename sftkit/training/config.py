@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any
 
+from sftkit import deftx
 from sftkit.artifact import KINDS, sft_name
 from sftkit.errors import BadInputError
+from sftkit.training.token_data import entity_types, load_tagged, looks_tagged
 
 METHODS = ("deftx", "lt-sft")
 METRICS = ("loss", "macro_f1", "accuracy", "entity_f1")
@@ -124,7 +126,6 @@ class TrainConfig:
             return self.task_type
         if self.task in TOKEN_TASKS:
             return "token"
-        from sftkit.training.token_data import looks_tagged
 
         data = self._first_train_file
         return "token" if data is not None and looks_tagged(data, self.token_keys[0]) else "sequence"
@@ -165,8 +166,6 @@ class TrainConfig:
         return "accuracy" if self.task in PAIR_TASKS else "macro_f1"
 
     def _token_metric(self) -> str:
-        from sftkit.training.token_data import entity_types, load_tagged, looks_tagged
-
         labels = self.labels
         data = self._first_train_file
         if labels is None and data is not None and looks_tagged(data, self.token_keys[0]) is not False:
@@ -296,8 +295,6 @@ class TrainConfig:
 
     def _check_method_specs(self) -> None:
         """Rank and k are checked now, not after hours of the full phase."""
-        from sftkit import deftx
-
         try:
             deftx.parse_rank(str(self.rank))
         except ValueError as exc:

@@ -277,7 +277,7 @@ def _hub_rows(spec: str) -> tuple[list[tuple[int, dict[str, Any]]], str, str]:
     """Rows of a 🤗 dataset with class labels turned back into their names."""
     name, config, split = parse_hub_spec(spec)
     try:
-        import datasets
+        import datasets  # an optional dependency (sftkit[datasets]), only for hf: sources
     except ImportError:
         raise BadInputError(
             f"reading {spec} needs the optional 🤗 datasets package (pip install 'sftkit[datasets]'); "

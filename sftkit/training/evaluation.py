@@ -17,8 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+)
 
 from sftkit.errors import BadInputError
+from sftkit.training.data import load_labelled
+from sftkit.training.features import labelled_words, make_collator, tokenize_labelled, tokenize_tagged
+from sftkit.training.token_data import load_tagged
+from sftkit.training.token_metrics import count_classes, tag_counts, tag_scores, word_tags
 
 
 def confusion_matrix(gold: torch.Tensor, predicted: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -73,8 +83,6 @@ def confusion_of(model: Any, batches: Iterable[dict[str, torch.Tensor]], num_lab
 
 def _classifier(model_or_dir: Any, tokenizer: Any, auto_class: Any) -> tuple[Any, Any, list[str]]:
     """The model (loaded with ``auto_class`` from a directory, or as given), its tokenizer and its labels."""
-    from transformers import AutoTokenizer
-
     if isinstance(model_or_dir, str | os.PathLike):
         directory = Path(model_or_dir)
         if not (directory / "config.json").is_file():
@@ -108,11 +116,6 @@ def evaluate(
     ``data``: a labelled file (CSV/TSV/JSONL, NusaX/SMSA/AmericasNLI formats) or in-memory examples.
     Labels come from the model's ``id2label``; a data label outside it is an error naming the line.
     """
-    from transformers import AutoModelForSequenceClassification
-
-    from sftkit.training.data import load_labelled
-    from sftkit.training.features import tokenize_labelled
-
     model, tokenizer, labels = _classifier(model_or_dir, tokenizer, AutoModelForSequenceClassification)
     examples = load_labelled(
         data,
@@ -124,8 +127,6 @@ def evaluate(
     )
     length = max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
     items = tokenize_labelled(tokenizer, examples.examples, {label: i for i, label in enumerate(labels)}, length)
-    from transformers import DataCollatorWithPadding
-
     collate = DataCollatorWithPadding(tokenizer)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,8 +140,6 @@ def evaluate(
 def tag_counts_of(model: Any, batches: Iterable[dict[str, torch.Tensor]], labels: Sequence[str]) -> torch.Tensor:
     """Token-task count table (``token_metrics.tag_counts``) of ``model``'s argmax predictions on collated
     ``tokenize_tagged`` batches, read at the first sub-token of each word; sums across processes."""
-    from sftkit.training.token_metrics import count_classes, tag_counts, word_tags
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -170,12 +169,6 @@ def evaluate_tagger(
     of the data is scored: a word that got no prediction (cut off at ``max_length``) counts as ``O`` (NER)
     or wrong (POS), and ``"unpredicted_words"`` says how many there were.
     """
-    from transformers import AutoModelForTokenClassification
-
-    from sftkit.training.features import labelled_words, make_collator, tokenize_tagged
-    from sftkit.training.token_data import load_tagged
-    from sftkit.training.token_metrics import tag_counts, tag_scores, word_tags
-
     model, tokenizer, labels = _classifier(model_or_dir, tokenizer, AutoModelForTokenClassification)
     sentences = load_tagged(data, labels, tokens_key=tokens_key, tags_key=tags_key).sentences
     length = max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import DataCollatorForLanguageModeling, DataCollatorForTokenClassification, DataCollatorWithPadding
 
 from sftkit.errors import BadInputError
 from sftkit.training.data import LabelledExample
@@ -158,12 +159,6 @@ def make_collator(kind: str, tokenizer: Any, mlm_probability: float, seed: int |
 
     ``seed=None`` draws masks from torch's global generator, which the trainer reseeds every step.
     """
-    from transformers import (
-        DataCollatorForLanguageModeling,
-        DataCollatorForTokenClassification,
-        DataCollatorWithPadding,
-    )
-
     if kind == "language":
         return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
     if kind == "tagging":

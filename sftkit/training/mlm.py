@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from transformers import get_linear_schedule_with_warmup
 
 from sftkit.params import encoder_of
 
@@ -74,7 +75,6 @@ def warm_up_head(
     with a linear decay to 0 over ``steps``; ``batch_at(step)`` supplies the batches, so the caller
     controls their order and seeding.
     """
-    from transformers import get_linear_schedule_with_warmup
 
     if mlm_head_of(model) is None:
         raise ValueError(f"{type(model).__name__}: no known MLM head to warm up")

@@ -27,7 +27,10 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
+from sftkit import deftx
 from sftkit.base_model import load_base_reporting, quiet_transformers, untie_decoder
 from sftkit.errors import BadInputError, BaseMismatchError, SftkitError
 from sftkit.fingerprint import base_fingerprint
@@ -53,7 +56,8 @@ from sftkit.training.mlm import masked_lm_loss, warm_up_head
 from sftkit.training.optim import RowSparseAdamW, clip_grad_norm_
 from sftkit.training.sparse import SparseUpdater, unique_head_parameters
 from sftkit.training.streams import Stream, applied, sources_digest, step_schedule
-from sftkit.training.token_data import looks_tagged
+from sftkit.training.token_data import load_tagged, looks_tagged
+from sftkit.training.token_metrics import best_metric, tag_scores
 
 PHASES = ("full", "sparse")
 HEAD_TYPES = {"language": "masked-lm", "task": "sequence-classification", "token": "token-classification"}
@@ -180,8 +184,6 @@ class _LoadedData:
 
 
 def _load_tokenizer(config: TrainConfig) -> Any:
-    from transformers import AutoTokenizer
-
     kwargs = {"revision": config.base_revision} if config.base_revision else {}
     try:
         with quiet_transformers():
@@ -256,9 +258,6 @@ def _load_tagged_data(
     Tags come from ``cfg.labels`` (which also names integer JSONL tags) or from the data (``label_order``);
     the validation data (or the held-out sentences) must use the same tags.
     """
-    from sftkit.training.token_data import load_tagged
-    from sftkit.training.token_metrics import best_metric
-
     for source in (train_source, validation_source):
         if isinstance(source, str) and source.startswith(HUB_PREFIX):
             raise BadInputError(f"{source}: token tasks read CoNLL or JSONL files (or in-memory sentences)")
@@ -381,11 +380,9 @@ def _step_seed(seed: int, phase: int, rank: int, step: int) -> int:
 
 def resolve_k(k: int | float | str, maskable_entries: int) -> int:
     """A count (``7600000``, ``"7.6M"``), a fraction of the maskable entries (``0.028``) or ``"all"`` → a count."""
-    from sftkit.deftx import parse_k
-
     if isinstance(k, str) and k.strip().lower() == "all":
         return maskable_entries
-    value = parse_k(k) if isinstance(k, str) else k
+    value = deftx.parse_k(k) if isinstance(k, str) else k
     count = round(value * maskable_entries) if isinstance(value, float) and value < 1 else int(value)
     if not 1 <= count <= maskable_entries:
         raise BadInputError(f"k = {k} selects {count} entries, but the model has {maskable_entries} maskable entries")
@@ -434,8 +431,6 @@ class _DensePhase:
             for name, param in self.head:
                 self.l1_terms.append((param, start_state[f"head::{name}"].to(param.device)))
         if dist.active:
-            from torch.nn.parallel import DistributedDataParallel
-
             self.forward_model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
@@ -810,8 +805,6 @@ class _Run:
         self, full_summary: dict[str, Any], deltas: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """δ = θ1 − θ_start → (DEFT-X denoising) → global top-k mask; computed once, shared by file."""
-        from sftkit import deftx
-
         cfg = self.config
         if self.dist.is_main:
             rank = deftx.parse_rank(cfg.rank)
@@ -860,8 +853,6 @@ class _Run:
 
     # ------------------------------------------------------------------ one phase
     def _train_phase(self, index: int, phase: _DensePhase | _SparsePhase, resuming: bool) -> dict[str, Any]:
-        from transformers import get_linear_schedule_with_warmup
-
         cfg, name = self.config, PHASES[index]
         if resuming and (done := self.run_dir.done(name)) is not None and index == 1:
             phase.load_state(self.run_dir.load_best(name))
@@ -1001,8 +992,6 @@ class _Run:
             return {"loss": float(totals[0] / totals[1]) if totals[1] else float("nan")}
         assert self.labels is not None
         if self.config.token_task:
-            from sftkit.training.token_metrics import tag_scores
-
             tagged = tag_scores(self.dist.sum_(tag_counts_of(self.model, mine, self.labels)), self.labels)
             return {key: tagged[key] for key in TOKEN_SCORES if key in tagged}
         confusion = self.dist.sum_(confusion_of(self.model, mine, len(self.labels)))
