@@ -17,6 +17,10 @@ miniature; a directory must hold an XLM-R-family model.
   word-embedding entries on rows of tokens its text uses, and the Fig. 2 language-vs-task overlap.
 - ``--extras``: DEFT-X at fixed rank 50 (the paper's 100 for hidden 768, scaled to hidden 384); full
   fine-tuning on SMSA applied zero-shot; mad and min language SFTs from NusaWrites paragraphs.
+- ``--ablations``: the paper's Table 5 variants of DEFT-X 90var (language and task SFTs alike) next to it:
+  w/o higher-order components (``keep 0``), w/o sparse fine-tuning (φ = μ ⊙ denoised δ), w/o magnitude
+  pruning + sparse fine-tuning (φ = the denoised δ, every entry). Each shares DEFT-X's phase 1 (the
+  cache), so it costs a selection and at most a sparse phase; its record is ``…_ablations.json``.
 
 k is the paper's fraction of the maskable entries (7.6 M and 14.2 M of XLM-R base's 277 M: 2.8 % and
 5.1 %). Phase 1 of every SFT is shared between the methods (``full_phase_cache``); every SFT, score and
@@ -25,6 +29,7 @@ a changed setting starts a new directory; the report is also written to ``benchm
 
     python benchmarks/nusax_mini.py                    # core table (me5-small)
     python benchmarks/nusax_mini.py --extras           # the extra rows, reusing the core's SFTs
+    python benchmarks/nusax_mini.py --ablations --seeds 1   # Table 5's variants of DEFT-X
     python benchmarks/nusax_mini.py --base minilm      # the same pipeline on all-MiniLM-L6-v2
     python benchmarks/nusax_mini.py --quick            # minutes: tiny step counts, ace only, 100 test rows
 """
@@ -36,6 +41,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -58,6 +64,13 @@ TARGETS = ("ace", "ban", "bjn", "mad", "min")
 LABELS = nusax_data.LABELS
 CORE_METHODS = {"LT-SFT": {"method": "lt-sft", "rank": "none"}, "DEFT-X 90var": {"method": "deftx", "rank": "90var"}}
 EXTRA_METHODS = {"DEFT-X rank 50": {"method": "deftx", "rank": "50"}}
+_DEFTX = CORE_METHODS["DEFT-X 90var"]
+ABLATION_METHODS = {
+    "DEFT-X w/o higher-order components": {**_DEFTX, "keep": 0.0},
+    "DEFT-X w/o sparse fine-tuning": {**_DEFTX, "sparse_phase": False},
+    "DEFT-X w/o magnitude pruning + sparse FT": {**_DEFTX, "sparse_phase": False, "k": "all"},
+}
+METHODS = {**CORE_METHODS, **EXTRA_METHODS, **ABLATION_METHODS}
 FULL_FT = "full fine-tuning on SMSA (reference)"
 NUSAWRITES = ("mad", "min")
 # Extras: the NusaWrites language SFTs train 4× the core's MLM steps per phase (160 of 8 × 64 tokens ≈ 82 k
@@ -168,7 +181,8 @@ def resolve_base(name: str) -> str:
 
 
 def method_key(method: str) -> str:
-    return method.lower().replace(" ", "-")
+    """A file-name-safe key: "DEFT-X 90var" → "deft-x-90var", "DEFT-X w/o sparse …" → "deft-x-w-o-sparse-…"."""
+    return re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")
 
 
 class State:
@@ -241,10 +255,9 @@ class Experiment:
             language=language,
             recipe="paper-lang",
             base_model=self.base,
-            **{**CORE_METHODS, **EXTRA_METHODS}[method],
-            k=b.language_k,
-            keep=b.keep,
+            **({"k": b.language_k, "keep": b.keep} | METHODS[method]),
             batch_size=b.language_batch,
+            grad_accum=1,
             max_steps=steps,
             min_steps=0,
             eval_steps=eval_steps,
@@ -271,12 +284,11 @@ class Experiment:
             task="sa",
             recipe="paper-sa",
             base_model=self.base,
-            **{**CORE_METHODS, **EXTRA_METHODS}[method],
-            k=b.task_k,
-            keep=b.keep,
+            **({"k": b.task_k, "keep": b.keep} | METHODS[method]),
             labels=LABELS,
             train=str(self.smsa["train"].path),
             batch_size=b.task_batch,
+            grad_accum=1,
             max_steps=b.task_steps,
             eval_steps=b.task_eval_steps,
             max_length=b.task_max_length,
@@ -401,6 +413,11 @@ class Experiment:
             for method in CORE_METHODS:
                 self.evaluate_method(method, seed)
 
+    def run_ablations(self) -> None:
+        for seed in self.seeds:
+            for method in ("DEFT-X 90var", *ABLATION_METHODS):
+                self.evaluate_method(method, seed)
+
     def run_extras(self) -> None:
         for seed in self.seeds:
             for method in EXTRA_METHODS:
@@ -421,10 +438,15 @@ def nusawrites_row(method: str) -> str:
     return f"{method}: θ0 + φ_T + φ_L (φ_L from NusaWrites, {NUSAWRITES_STEPS} steps)"
 
 
-def rows(extras: bool) -> list[str]:
-    methods = [*CORE_METHODS, *(EXTRA_METHODS if extras else ())]
+def rows(part: str) -> list[str]:
+    """The table rows of a part: ``core``, ``extras`` (core + extra rows) or ``ablations``."""
+    methods = {
+        "core": list(CORE_METHODS),
+        "extras": [*CORE_METHODS, *EXTRA_METHODS],
+        "ablations": ["DEFT-X 90var", *ABLATION_METHODS],
+    }[part]
     listed = [row for method in methods for row in (alone_row(method), composed_row(method))]
-    return [*listed, FULL_FT, nusawrites_row("DEFT-X 90var")] if extras else listed
+    return [*listed, FULL_FT, nusawrites_row("DEFT-X 90var")] if part == "extras" else listed
 
 
 def _example(text: str, label: str):
@@ -440,14 +462,14 @@ def _rows(path: Path) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------- results
-def summarise(state: State, budget: Budget, seeds: list[int], extras: bool) -> dict[str, dict[str, tuple]]:
+def summarise(state: State, budget: Budget, seeds: list[int], part: str) -> dict[str, dict[str, tuple]]:
     """{row: {language | "avg": (mean, std) of macro-F1 × 100 over seeds}}; rows with no score are left out."""
 
     def mean_std(values: list[float]) -> tuple[float, float]:
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
     table = {}
-    for row in rows(extras):
+    for row in rows(part):
         languages = [lang for lang in budget.targets if state.score(row, seeds[0], lang) is not None]
         if not languages or any(state.score(row, s, lang) is None for s in seeds for lang in languages):
             continue
@@ -561,7 +583,9 @@ def language_losses(experiment: Experiment) -> dict[str, dict[str, Any]]:
     for path in sorted((experiment.directory / "sft").glob("lang-*")):
         metrics = json.loads((path / "sft_config.json").read_text())["metrics"]
         losses[path.name] = {
-            phase: [round(entry["loss"], 3) for entry in metrics[phase]["history"]] for phase in ("full", "sparse")
+            phase: [round(entry["loss"], 3) for entry in metrics[phase]["history"]]
+            for phase in ("full", "sparse")
+            if phase in metrics  # a variant without the sparse phase has none
         }
     return losses
 
@@ -571,8 +595,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default="me5-small", help="me5-small (default), minilm, or an XLM-R model dir")
     parser.add_argument("--seeds", type=int, default=3, help="task-SFT (and full fine-tuning) seeds")
     parser.add_argument("--extras", action="store_true", help="the extra rows (after the core ones)")
+    parser.add_argument("--ablations", action="store_true", help="Table 5's variants of DEFT-X (not the core)")
     parser.add_argument("--quick", action="store_true", help="tiny step counts, ace only, 100 test rows")
     args = parser.parse_args(argv)
+    if args.ablations and args.extras:
+        parser.error("run --extras and --ablations separately")
+    part = "ablations" if args.ablations else "extras" if args.extras else "core"
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     if not nusax_data.DATA_ROOT.is_dir():
@@ -594,20 +622,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet_transformers():
             experiment = Experiment(budget, base_dir, args.seeds, directory)
-            experiment.run_core()
-            if args.extras:
+            if part == "ablations":
+                experiment.run_ablations()
+            else:
+                experiment.run_core()
+            if part == "extras":
                 experiment.run_extras()
-            comparison = overlap(experiment, figures)
+            comparison = overlap(experiment, figures) if part != "ablations" else None
     except SftkitError as exc:
         fail(str(exc))
     seeds = experiment.seeds
-    table = summarise(experiment.state, budget, seeds, args.extras)
-    suffix = "" if name == "me5-small" else f"_{name}"
+    table = summarise(experiment.state, budget, seeds, part)
+    suffix = ("" if name == "me5-small" else f"_{name}") + ("_ablations" if part == "ablations" else "")
     title = f"NusaX, zero-shot from Indonesian (SMSA); θ0 = {name}; miniature budget"
     f1_chart(table, budget, figures / f"nusax_mini_f1{suffix}.png", title)
     wall = time.perf_counter() - started
     runs = experiment.state.data.setdefault("runs", [])
-    part = "extras" if args.extras else "core"
     runs.append(
         {
             "part": part,
@@ -626,17 +656,25 @@ def main(argv: list[str] | None = None) -> int:
         "smsa_leak_filter": {split: cleaned.report for split, cleaned in experiment.smsa.items()},
         "training_seconds_recorded": experiment.state.data["seconds"],
         "macro_f1": {row: {lang: list(cell) for lang, cell in cells.items()} for row, cells in table.items()},
-        "overlap_language_vs_task": comparison.table("overlap"),
-        "overlap_languages": comparison.languages,
-        "deftx_ranks": rank_summary(experiment),
-        "language_validation_loss": language_losses(experiment),
-        "language_sft_anatomy": language_anatomy(experiment),
     }
-    (directory / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    if comparison is not None:
+        report |= {
+            "overlap_language_vs_task": comparison.table("overlap"),
+            "overlap_languages": comparison.languages,
+            "deftx_ranks": rank_summary(experiment),
+            "language_validation_loss": language_losses(experiment),
+            "language_sft_anatomy": language_anatomy(experiment),
+        }
+    results = directory / ("results_ablations.json" if part == "ablations" else "results.json")
+    results.write_text(json.dumps(report, indent=1, default=str))
     if not args.quick:  # the committed record of the run (the cache directory is git-ignored)
         RECORDS.mkdir(exist_ok=True)
-        (RECORDS / f"nusax_mini_{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        record = f"nusax_mini_{name}{'_ablations' if part == 'ablations' else ''}.json"
+        (RECORDS / record).write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(markdown(table, budget, seeds))
+    if comparison is None:
+        print(f"\nwall time {wall / 60:.1f} min this run ({part}); results: {results}")
+        return 0
     print()
     print("language-vs-task overlap % (shared / min size), seed-0 task SFT:")
     for method, values in comparison.table("overlap").items():
@@ -645,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     print("word-embedding entries on rows of tokens the language's text uses:")
     for sft_name, anatomy in report["language_sft_anatomy"].items():
         print(f"  {sft_name}: {100 * anatomy['word_embedding_entries_on_used_tokens']:.1f} %")
-    print(f"\nwall time {wall / 60:.1f} min this run ({part}); results: {directory / 'results.json'}")
+    print(f"\nwall time {wall / 60:.1f} min this run ({part}); results: {results}")
     return 0
 
 

@@ -87,6 +87,18 @@ def load_base_reporting(
     return model, sorted(info.get("missing_keys", ()))
 
 
+def load_tokenizer(base: str, revision: str | None = None) -> Any:
+    """θ0's tokenizer from a Hub id or a local directory."""
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        with quiet_transformers():
+            from transformers import AutoTokenizer  # see quiet_transformers
+
+            return AutoTokenizer.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot load the tokenizer of base model {base!r}: {str(exc).splitlines()[0]}") from exc
+
+
 def untie_decoder(model: Any, freeze: bool) -> Any:
     """Give the MLM decoder its own copy of the word embeddings (frozen when ``freeze``); returns it.
 

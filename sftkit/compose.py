@@ -16,14 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from sftkit.artifact import CARD_NAME
 from sftkit.atomic import atomic_directory, check_target
-from sftkit.base_model import head_of_architecture, load_base, quiet_transformers, untie_decoder
+from sftkit.base_model import head_of_architecture, load_base, load_tokenizer, quiet_transformers, untie_decoder
 from sftkit.card import composed_model_card
 from sftkit.composition_plan import COMPOSE_RECORD, Part, Plan, compose_record, parts_of, plan
-from sftkit.errors import BadInputError
 from sftkit.fingerprint import base_fingerprint
 from sftkit.params import head_parameters
 from sftkit.sft import SparseFineTuning
@@ -125,10 +122,7 @@ def _export(
     check_target(target, overwrite)
     source = tokenizer if tokenizer is not None else model.config.name_or_path
     if isinstance(source, str | os.PathLike):
-        try:
-            source = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            raise BadInputError(f"cannot load the tokenizer of {source!r}: {str(exc).splitlines()[0]}") from exc
+        source = load_tokenizer(str(source))
     base = model.config.name_or_path
     labels = list(model.config.id2label.values()) if getattr(model.config, "id2label", None) else None
     with atomic_directory(target, overwrite) as staging:

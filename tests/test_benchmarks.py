@@ -72,12 +72,12 @@ def test_nusax_mini_table_is_mean_and_std_over_seeds(tmp_path):
         sys.path.remove(str(ROOT / "benchmarks"))
     budget = nusax_mini.QUICK  # one target (ace)
     state = nusax_mini.State(tmp_path / "state.json")
-    core = nusax_mini.rows(extras=False)
+    core = nusax_mini.rows("core")
     for seed, ace in enumerate([0.50, 0.60]):
         for row in core:
             state.set_score(row, seed, "ace", {"macro_f1": ace, "accuracy": 0.0, "n": 100})
     resumed = nusax_mini.State(tmp_path / "state.json")  # what a rerun reads back
-    table = nusax_mini.summarise(resumed, budget, [0, 1], extras=True)
+    table = nusax_mini.summarise(resumed, budget, [0, 1], "extras")
     assert list(table) == core  # the extra rows have no scores yet: left out, not shown as zeros
     mean, std = table[core[0]]["ace"]
     assert mean == pytest.approx(55.0) and std == pytest.approx(7.0710678)
@@ -91,6 +91,8 @@ def test_nusax_mini_table_is_mean_and_std_over_seeds(tmp_path):
     ).splitlines()
     assert len(full) == 2 + len(core) + len(nusax_mini.PAPER_ROWS)
     assert nusax_mini.QUICK.digest() != nusax_mini.CORE.digest()
+    ablations = nusax_mini.rows("ablations")  # DEFT-X 90var beside its three Table 5 variants
+    assert ablations[:2] == core[2:] and len(ablations) == 2 * (1 + len(nusax_mini.ABLATION_METHODS))
 
 
 def test_nusax_mini_refuses_a_base_that_is_not_xlmr(tmp_path, tiny_base):

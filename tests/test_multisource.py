@@ -9,6 +9,7 @@ import torch
 
 from sftkit import toy
 from sftkit.base_model import load_base
+from sftkit.errors import BadInputError
 from sftkit.fingerprint import base_fingerprint
 from sftkit.metadata import SFTMetadata
 from sftkit.params import encoder_of
@@ -192,3 +193,27 @@ def test_a_multi_source_token_task_keeps_its_task_type_and_metric(tiny_base, mar
     result = train(config, sources={language: sft for language, (sft, _) in marked_sources.items()})
     assert result.sft.metadata.head_type == "token-classification"
     assert "entity_f1" in result.sft.metadata.metrics["full"]
+
+
+def test_every_source_needs_data_and_an_sft_and_labels_are_their_union(tiny_base, toy_languages, marked_sources):
+    ace, ban = (sft for sft, _ in marked_sources.values())
+    both = {"ace": {"train": "a.csv", "validation": None}, "ban": {"train": "b.csv", "validation": None}}
+    config = make_config(task="sa", base_model=str(tiny_base), recipe="quick", sources=both, max_steps=2, eval_steps=2)
+    with pytest.raises(BadInputError, match="unmatched: ban"):
+        train(config, sources={"ace": ace})
+    with pytest.raises(BadInputError, match="pass their language SFTs"):
+        train(config)
+    data = {  # ace knows two labels, ban a third one: the run classifies into all three
+        "ace": _rows(toy_languages, {"negative", "positive"}, 40, 0),
+        "ban": _rows(toy_languages, {"neutral", "positive"}, 40, 1),
+    }
+    plain = make_config(task="sa", base_model=str(tiny_base), recipe="quick", max_steps=2, eval_steps=2)
+    result = train(plain, train_data=data, sources={"ace": ace, "ban": ban})
+    assert result.sft.metadata.labels == ["negative", "neutral", "positive"]
+
+
+def test_cli_sources_file_with_null_validation_holds_out(cli, tiny_base, toy_languages, tmp_path):
+    spec = tmp_path / "sources.json"
+    spec.write_text(json.dumps({"ace": {"train": "x.csv", "validation": None, "sft": 3}}))
+    result = cli("train", "--task", "sa", "--base", tiny_base, "--recipe", "quick", "--sources", spec)
+    assert result.exit_code == 2 and "must be strings" in result.output

@@ -13,6 +13,7 @@ from sftkit.base_model import load_base
 from sftkit.compose import compose
 from sftkit.params import is_maskable_name, maskable_parameters
 from sftkit.training import make_config, train
+from sftkit.training import trainer as trainer_module
 from sftkit.training.full_phase_cache import FullPhaseCache
 
 STEPS = {"max_steps": 4, "eval_steps": 2}
@@ -228,3 +229,46 @@ def test_cli_refuses_bad_modes_with_one_line(cli, tiny_base, toy_languages, tmp_
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+
+
+class _StopInSparsePhase(trainer_module.NullReporter):
+    def __init__(self):
+        self.phase = None
+
+    def phase_started(self, phase, total_steps, done_steps):
+        self.phase = phase
+
+    def step(self, step, loss):
+        if self.phase == "sparse" and step == 2:
+            raise KeyboardInterrupt
+
+
+def test_a_run_whose_phase_1_came_from_the_cache_resumes_exactly(still_base, rows, tmp_path):
+    cache = tmp_path / "cache"
+    lt_sft = make_config(task="sa", base_model=str(still_base), recipe="quick", method="lt-sft", **STEPS)
+    train(lt_sft, train_data=rows, full_phase_cache=cache)  # fills the cache
+    deftx_config = lt_sft.with_changes(method="deftx", rank="4")
+    uninterrupted = train(deftx_config, train_data=rows, full_phase_cache=cache).sft
+    work = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(deftx_config, train_data=rows, full_phase_cache=cache, work_dir=work, reporter=_StopInSparsePhase())
+    resumed = train(deftx_config, train_data=rows, full_phase_cache=cache, work_dir=work, resume=True).sft
+    assert resumed.delta_digest() == uninterrupted.delta_digest()
+    for name, tensor in uninterrupted.full.items():
+        assert torch.equal(resumed.full[name], tensor), name
+
+
+def test_the_variant_without_sparse_phase_scores_the_model_it_keeps(variants):
+    results, _ = variants
+    metrics = results["no-sparse"].sft.metadata.metrics
+    assert set(metrics) == {"full", "final"} and metrics["final"]["loss"] > 0
+
+
+def test_a_batch_size_given_alone_is_the_whole_step():
+    config = make_config(task="sa", recipe="paper-sa", batch_size=16)
+    assert (config.batch_size, config.grad_accum, config.effective_batch_size) == (16, 1, 16)
+    assert make_config(task="sa", recipe="paper-sa").effective_batch_size == 16  # the paper's, as 8 × 2
+    assert make_config(task="sa", recipe="paper-sa", batch_size=4, grad_accum=4).effective_batch_size == 16

@@ -223,7 +223,7 @@ def show_command(
         ("k", _count(record.k)),
         ("entries", f"{record.num_entries:,}"),
         ("density", _percent(record.density)),
-        ("variant", trainer.get("variant") or "standard (both phases)"),
+        ("variant", trainer.get("variant") or ("standard (both phases)" if "sparse_phase" in trainer else None)),
         ("steps", _schedule(trainer)),
         ("labels", config.get("labels")),
         ("head", config.get("head_type")),

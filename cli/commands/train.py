@@ -260,7 +260,12 @@ def train_command(
     max_steps: Annotated[int | None, typer.Option(help="Cap on steps per phase.", rich_help_panel=_SCHEDULE)] = None,
     min_steps: Annotated[int | None, typer.Option(help="Floor on steps per phase.", rich_help_panel=_SCHEDULE)] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Global batch size (split across processes).", rich_help_panel=_SCHEDULE)
+        int | None,
+        typer.Option(
+            help="Examples per optimiser step, across all processes; with --grad-accum N, per micro-batch "
+            "(a step then sees N × this). Given alone it replaces the recipe's batch and accumulation.",
+            rich_help_panel=_SCHEDULE,
+        ),
     ] = None,
     lr: Annotated[
         float | None, typer.Option(help="Peak learning rate (linear decay).", rich_help_panel=_SCHEDULE)
@@ -481,7 +486,9 @@ def _multi_sources(pairs: list[str], spec_file: Path | None) -> dict[str, dict[s
                 raise BadInputError(
                     f'--sources {spec_file}: {language!r} needs {{"train": DATA}} (optional: validation, sft)'
                 )
-            add(language, {key: str(value) for key, value in entry.items()})
+            if any(value is not None and not isinstance(value, str) for value in entry.values()):
+                raise BadInputError(f"--sources {spec_file}: the values of {language!r} must be strings (paths, refs)")
+            add(language, {key: value for key, value in entry.items() if value is not None})
     return sources
 
 

@@ -15,7 +15,8 @@ from typing import Any
 from sftkit import deftx
 from sftkit.artifact import KINDS, sft_name
 from sftkit.errors import BadInputError
-from sftkit.training.token_data import entity_types, load_tagged, looks_tagged
+from sftkit.training.token_data import load_tagged, looks_tagged
+from sftkit.training.token_metrics import ENTITY_METRIC, TAG_METRIC, best_metric
 
 METHODS = ("deftx", "lt-sft")
 METRICS = ("loss", "macro_f1", "accuracy", "entity_f1")
@@ -174,8 +175,8 @@ class TrainConfig:
             except BadInputError:
                 labels = None  # unreadable here; the trainer reports the error when it loads the data
         if labels is None:
-            return "entity_f1" if self.task == "ner" else "accuracy"
-        return "entity_f1" if entity_types(labels) is not None else "accuracy"
+            return ENTITY_METRIC if self.task == "ner" else TAG_METRIC
+        return best_metric(labels)
 
     def with_changes(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied; ``None`` values mean "keep" (unset CLI flags)."""

@@ -27,14 +27,20 @@ _DELTA, _HEAD, _HEAD_END, _SUMMARY = "delta.safetensors", "head.safetensors", "h
 _FORMAT = 2  # part of every key: entries of an older layout are simply not found
 
 
-def cache_key(config_digest: str, data: Any, source_digest: str | None, base_fingerprint: str | None) -> str:
-    """One key per (phase-1 settings, data fingerprints, source-language SFT content, base model).
+def cache_key(
+    config_digest: str, data: Any, source_digest: str | None, base_fingerprint: str | None, world_size: int = 1
+) -> str:
+    """One key per (phase-1 settings, data fingerprints, source-language SFT content, base model, processes).
+
+    The number of processes is part of it: each process draws its own MLM masks and dropout, so one
+    process and two train different phase 1s from the same settings.
 
     ``source_digest`` is ``SparseFineTuning.delta_digest()`` of the source SFT: θ_start = θ0 + φ_source
     depends on its deltas, not on its name (two source SFTs of one language, e.g. trained by different
     methods, must never share a phase 1).
     """
-    material = json.dumps([_FORMAT, config_digest, data, source_digest, base_fingerprint], sort_keys=True, default=str)
+    material = [_FORMAT, config_digest, data, source_digest, base_fingerprint, world_size]
+    material = json.dumps(material, sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()[:24]
 
 

@@ -103,7 +103,8 @@ def make_config(
     """Config for a language SFT (``language=``) or a task SFT (``task=``) from a recipe plus overrides.
 
     ``None`` overrides are ignored, so unset command-line flags keep the recipe's values. A
-    ``method`` of ``lt-sft`` implies rank ``none`` and vice versa.
+    ``method`` of ``lt-sft`` implies rank ``none`` and vice versa. A ``batch_size`` given without
+    ``grad_accum`` is the whole step's (accumulation 1), whatever the recipe splits its own batch into.
     """
     if (language is None) == (task is None):
         raise BadInputError("give exactly one of a language (--lang) or a task (--task)")
@@ -115,7 +116,10 @@ def make_config(
     recipe_kind = values.pop("kind", kind)
     if recipe_kind != kind:
         raise BadInputError(f"recipe {recipe!r} trains {recipe_kind} SFTs, not {kind} SFTs")
-    values.update({key: value for key, value in overrides.items() if value is not None})
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if "batch_size" in given and "grad_accum" not in given:
+        given["grad_accum"] = 1  # a batch size given alone is the step's: the recipe's split does not multiply it
+    values.update(given)
     method, rank = values.get("method"), values.get("rank")
     if method == "lt-sft" and rank is None:
         values["rank"] = "none"

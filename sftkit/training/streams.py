@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from sftkit.errors import BadInputError
 from sftkit.sft import SparseFineTuning
 from sftkit.training.config import SAMPLINGS
 from sftkit.training.features import BatchOrder
@@ -40,8 +39,7 @@ def step_schedule(sizes: Sequence[int], batch_size: int, sampling: str, seed: in
     once (⌈size / batch⌉ of them) in a seeded random order, so a source is drawn in proportion to its
     data. ``uniform``: each round visits every stream once, whatever its size.
     """
-    if sampling not in SAMPLINGS:
-        raise BadInputError(f"source sampling must be one of {', '.join(SAMPLINGS)}, not {sampling!r}")
+    assert sampling in SAMPLINGS, sampling  # TrainConfig validated it
     per_round = [-(-size // batch_size) if sampling == "proportional" else 1 for size in sizes]
     slots = [stream for stream, count in enumerate(per_round) for _ in range(count)]
     order: list[int] = []

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,36 +28,31 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from sftkit import deftx
-from sftkit.base_model import load_base_reporting, quiet_transformers, untie_decoder
+from sftkit.base_model import load_base_reporting, load_tokenizer, quiet_transformers, untie_decoder
 from sftkit.errors import BadInputError, BaseMismatchError, SftkitError
 from sftkit.fingerprint import base_fingerprint
 from sftkit.params import encoder_of, head_parameters, is_maskable_name, maskable_parameters
 from sftkit.sft import SFTMetadata, SparseDelta, SparseFineTuning
 from sftkit.training.checkpoint import RunDirectory
 from sftkit.training.config import HEAD_WARMUP_STEPS, TrainConfig
-from sftkit.training.data import HUB_PREFIX, Corpus, LabelledData, load_corpus, load_labelled
 from sftkit.training.distributed import Dist
 from sftkit.training.evaluation import confusion_of, scores, tag_counts_of
 from sftkit.training.features import (
     IGNORE,
     BatchOrder,
     fixed_batches,
-    holdout_split,
     make_collator,
-    tokenize_corpus,
-    tokenize_labelled,
-    tokenize_tagged,
 )
 from sftkit.training.full_phase_cache import FullPhase, FullPhaseCache, cache_key
 from sftkit.training.mlm import masked_lm_loss, warm_up_head
 from sftkit.training.optim import RowSparseAdamW, clip_grad_norm_
+from sftkit.training.run_data import load_run_data, load_source_data
 from sftkit.training.sparse import SparseUpdater, unique_head_parameters
 from sftkit.training.streams import Stream, applied, sources_digest, step_schedule
-from sftkit.training.token_data import load_tagged, looks_tagged
-from sftkit.training.token_metrics import best_metric, tag_scores
+from sftkit.training.token_metrics import tag_scores
 
 PHASES = ("full", "sparse")
 HEAD_TYPES = {"language": "masked-lm", "task": "sequence-classification", "token": "token-classification"}
@@ -175,147 +170,20 @@ def train(
     return TrainResult(sft, run.model, run.tokenizer, sft.metadata.metrics)
 
 
-@dataclass(frozen=True)
-class _LoadedData:
-    train_items: list[dict[str, Any]]
-    validation_items: list[dict[str, Any]]
-    labels: list[str] | None
-    record: dict[str, Any]
-
-
-def _load_tokenizer(config: TrainConfig) -> Any:
-    kwargs = {"revision": config.base_revision} if config.base_revision else {}
-    try:
-        with quiet_transformers():
-            return AutoTokenizer.from_pretrained(config.base_model, **kwargs)
-    except (OSError, ValueError) as exc:
+def _source_languages(config: TrainConfig, sources: Mapping[str, SparseFineTuning] | None) -> list[str | None]:
+    """The source languages of a multi-source run (each needs data and an SFT), or ``[None]`` for one stream."""
+    named = set(config.sources or {})
+    given = set(sources or {})
+    if not named and not given:
+        return [None]
+    if named and not given:
         raise BadInputError(
-            f"cannot load the tokenizer of base model {config.base_model!r}: {str(exc).splitlines()[0]}"
-        ) from exc
-
-
-def _load_data(config: TrainConfig, tokenizer: Any, train_data: Any, validation_data: Any) -> _LoadedData:
-    """Read and tokenise the training data and the validation data (given, or held out of training)."""
-    cfg = config
-    train_source = train_data if train_data is not None else cfg.train
-    if train_source is None:
-        raise BadInputError(f"no training data: pass {'--corpus' if cfg.kind == 'language' else '--train'} FILE")
-    validation_source = validation_data if validation_data is not None else cfg.validation
-    length = cfg.max_length
-    labels: list[str] | None = None
-    if cfg.kind == "language":
-        corpus = load_corpus(train_source, cfg.text_column)
-        held: Corpus | None = None
-        if validation_source is not None:
-            held = load_corpus(validation_source, cfg.text_column)
-            train_texts, held_texts = corpus.texts, held.texts
-        else:
-            train_texts, held_texts = holdout_split(corpus.texts, cfg.holdout, cfg.seed)
-        train_items = tokenize_corpus(tokenizer, train_texts, length)
-        validation_items = tokenize_corpus(tokenizer, held_texts, length)
-        record = {"train": corpus.describe(), "validation": held.describe() if held else None}
-    elif cfg.token_task:
-        train_items, validation_items, labels, record = _load_tagged_data(
-            cfg, tokenizer, train_source, validation_source
+            f"config.sources names {', '.join(sorted(named))}: pass their language SFTs as sources={{language: SFT}}"
         )
-    else:
-        if cfg.task_type is None and looks_tagged(train_source):
-            raise BadInputError(
-                f"the training data of task {cfg.task!r} is tagged sentences, but the run was set up for a sequence "
-                "task (its training file was not known): set task_type='token' (--task-type token)"
-            )
-        options = {
-            "text_column": cfg.text_column,
-            "text_pair_column": cfg.text_pair_column,
-            "label_column": cfg.label_column,
-        }
-        labelled: LabelledData = load_labelled(train_source, pair=cfg.is_pair, labels=cfg.labels, **options)
-        labels = list(cfg.labels) if cfg.labels else labelled.labels
-        if len(labels) < 2:
-            raise BadInputError(f"{labelled.source}: only one label ({labels[0]}); a classifier needs two")
-        label2id = {label: i for i, label in enumerate(labels)}
-        held_data = None
-        if validation_source is not None:
-            held_data = load_labelled(validation_source, pair=labelled.pair, labels=labels, **options)
-            train_examples, held_examples = labelled.examples, held_data.examples
-        else:
-            train_examples, held_examples = holdout_split(labelled.examples, cfg.holdout, cfg.seed)
-        train_items = tokenize_labelled(tokenizer, train_examples, label2id, length)
-        validation_items = tokenize_labelled(tokenizer, held_examples, label2id, length)
-        record = {"train": labelled.describe(), "validation": held_data.describe() if held_data else None}
-    if record["validation"] is None:
-        record["validation"] = {"held_out_of_train": cfg.holdout}
-    if not train_items or not validation_items:
-        raise BadInputError("the data is too small to form training and validation batches")
-    return _LoadedData(train_items, validation_items, labels, record)
-
-
-def _load_tagged_data(
-    cfg: TrainConfig, tokenizer: Any, train_source: Any, validation_source: Any
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], dict[str, Any]]:
-    """Token tasks (NER, POS): CoNLL / JSONL sentences, labelled at each word's first sub-token.
-
-    Tags come from ``cfg.labels`` (which also names integer JSONL tags) or from the data (``label_order``);
-    the validation data (or the held-out sentences) must use the same tags.
-    """
-    for source in (train_source, validation_source):
-        if isinstance(source, str) and source.startswith(HUB_PREFIX):
-            raise BadInputError(f"{source}: token tasks read CoNLL or JSONL files (or in-memory sentences)")
-        if isinstance(source, str | Path) and Path(source).suffix.lower() == ".csv":
-            raise BadInputError(f"{source}: token tasks read CoNLL (word<TAB>tag) or JSONL (tokens, tags), not CSV")
-    tokens_key, tags_key = cfg.token_keys
-    tagged = load_tagged(train_source, cfg.labels, tokens_key=tokens_key, tags_key=tags_key)
-    labels = tagged.labels
-    if len(labels) < 2:
-        raise BadInputError(f"{tagged.source}: only one tag ({labels[0]}); a tagger needs two")
-    wanted = best_metric(labels)
-    if cfg.metric is None and cfg.best_metric != wanted:
-        raise BadInputError(
-            f"{tagged.source}: these tags are scored by {wanted}, but the run was set up to select by "
-            f"{cfg.best_metric} (its tags were not known): set metric={wanted!r} or labels=[…]"
-        )
-    held = None
-    if validation_source is not None:
-        held = load_tagged(validation_source, labels, tokens_key=tokens_key, tags_key=tags_key)
-        train_sentences, held_sentences = tagged.sentences, held.sentences
-    else:
-        train_sentences, held_sentences = holdout_split(tagged.sentences, cfg.holdout, cfg.seed)
-    label2id = {label: i for i, label in enumerate(labels)}
-    train_items = tokenize_tagged(tokenizer, train_sentences, label2id, cfg.max_length)
-    validation_items = tokenize_tagged(tokenizer, held_sentences, label2id, cfg.max_length)
-    record = {"train": tagged.describe(), "validation": held.describe() if held else None}
-    return train_items, validation_items, labels, record
-
-
-def _load_sources(
-    config: TrainConfig, tokenizer: Any, data: tuple[Any, Any], languages: list[str | None]
-) -> list[_LoadedData]:
-    """The data of each stream: the run's data, or each source language's (in ``languages`` order).
-
-    A multi-source run reads each language's data from ``data`` when given as mappings by language, else
-    from ``config.sources``; all sources share one label set (the first source's, or ``config.labels``).
-    """
-    if languages == [None]:
-        return [_load_data(config, tokenizer, *data)]
-    loaded: list[_LoadedData] = []
-    for language in languages:
-        assert language is not None
-        given = (config.sources or {}).get(language, {})
-        train, validation = (part.get(language) if isinstance(part, Mapping) else None for part in data)
-        train = train if train is not None else given.get("train")
-        if train is None:
-            raise BadInputError(f"source language {language!r} has no training data: give it as {language}=FILE")
-        labels = loaded[0].labels if loaded else config.labels
-        # Each part reads one file: the run's task type and metric are decided once, from all of them.
-        part_config = replace(
-            config,
-            sources=None,
-            labels=tuple(labels) if labels else None,
-            task_type=config.resolved_task_type,
-            metric=config.best_metric,
-        )
-        loaded.append(_load_data(part_config, tokenizer, train, validation or given.get("validation")))
-    return loaded
+    if named and named != given:
+        missing = ", ".join(sorted(named ^ given))
+        raise BadInputError(f"every source language needs both data and a language SFT; unmatched: {missing}")
+    return sorted(given)
 
 
 def _order(examples: int, batch_size: int, config: TrainConfig, dist: Dist) -> BatchOrder:
@@ -593,9 +461,12 @@ class _Run:
             raise BadInputError(f"precision fp16 needs a CUDA GPU (this run is on {device.type}): use bf16 or fp32")
         if source is not None and sources:
             raise BadInputError("give one source-language SFT or several sources, not both")
-        tokenizer = _load_tokenizer(config)
-        languages: list[str | None] = sorted(sources) if sources else [None]
-        loaded = _load_sources(config, tokenizer, data, languages)
+        languages: list[str | None] = _source_languages(config, sources)
+        tokenizer = load_tokenizer(config.base_model, config.base_revision)
+        if languages == [None]:
+            loaded = [load_run_data(config, tokenizer, *data)]
+        else:
+            loaded = load_source_data(config, tokenizer, data, [language for language in languages if language])
         labels = loaded[0].labels
         if source is not None and lineage is None:
             lineage = {"reference": None, "sha256": None, "language": source.metadata.language}
@@ -734,11 +605,12 @@ class _Run:
                     {name: param.detach().cpu().clone() for name, param in self.head},
                     summary,
                 )
-                self._store_full_phase(full)
+                self._cache_full_phase(full)
             else:
                 self.reporter.note("phase 1 taken from the full-phase cache")
                 self._load_head(full.head_start)
                 start = self._capture_start()
+            self._record_full_phase(full)  # what a resume after the selection needs, however phase 1 was had
             summaries["full"] = full.summary
             masks, selection_info = self._select(full.summary, full.deltas)
             head_end = full.head_end
@@ -756,6 +628,8 @@ class _Run:
         if not cfg.sparse_phase:
             diffs = self._selected_deltas(masks)
             self._set_to(diffs, head_end)
+            # The stored model (θ_start + μ ⊙ denoised δ, θ1's head) is not θ1: score what is kept.
+            summaries["final"] = self._evaluate()
             sft = self._build_sft(diffs, summaries, selection_info)
         else:
             sparse = _SparsePhase(self.model, self.head, masks, self.dist, cfg.l1, self.maskable_entries)
@@ -770,7 +644,13 @@ class _Run:
 
     # ------------------------------------------------------------------ phase 1 shared between methods
     def _full_phase_key(self) -> str:
-        return cache_key(self.config.full_phase_digest(), self.data_record, self.source_digest, self.base_fingerprint)
+        return cache_key(
+            self.config.full_phase_digest(),
+            self.data_record,
+            self.source_digest,
+            self.base_fingerprint,
+            self.dist.world,
+        )
 
     def _cached_full_phase(self) -> FullPhase | None:
         if self.full_cache is None:
@@ -787,14 +667,16 @@ class _Run:
             for name, param in maskable_parameters(self.model)
         }
 
-    def _store_full_phase(self, full: FullPhase) -> None:
+    def _cache_full_phase(self, full: FullPhase) -> None:
+        if self.dist.is_main and self.full_cache is not None:
+            summary = {**full.summary, "head_warmup": self.head_warmup}
+            self.full_cache.save(self._full_phase_key(), replace(full, summary=summary))
+
+    def _record_full_phase(self, full: FullPhase) -> None:
         if self.dist.is_main:
             self.run_dir.save_best("start", full.head_start)
             self.run_dir.save_best("head-end", full.head_end)
             self.run_dir.mark_done("head-warm-up", self.head_warmup)
-            if self.full_cache is not None:
-                summary = {**full.summary, "head_warmup": self.head_warmup}
-                self.full_cache.save(self._full_phase_key(), replace(full, summary=summary))
 
     @torch.no_grad()
     def _load_head(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -869,6 +751,8 @@ class _Run:
             phase.load_state(state)
             optimizer.load_state_dict(optimizer_state)
             scheduler.load_state_dict(scheduler_state)
+            if scaler is not None and "grad_scaler" in progress:
+                scaler.load_state_dict(progress["grad_scaler"])  # fp16: resume with the loss scale reached
         self.reporter.phase_started(name, self.total_steps, progress["step"])
         self.model.train()
         for step in range(progress["step"], self.total_steps):
@@ -899,6 +783,8 @@ class _Run:
                     progress["best"], progress["best_step"] = metrics[metric], step + 1
                     self.run_dir.save_best(name, phase.state())
                 progress["step"] = step + 1
+                if scaler is not None:
+                    progress["grad_scaler"] = scaler.state_dict()
                 self.run_dir.save_checkpoint(name, phase.state(), optimizer, scheduler, progress)
                 self.reporter.evaluated(step + 1, metrics)
                 self.dist.barrier()
@@ -968,11 +854,17 @@ class _Run:
         self.model.eval()
         try:
             with self._autocast():
-                return self._scores(self._with_sources(mine))
+                batches = self._with_sources(mine)
+                try:
+                    return self._scores(batches)
+                finally:
+                    batches.close()  # a failed scoring still reverts the batch's source SFT
         finally:
             self.model.train()
 
-    def _with_sources(self, batches: list[tuple[int, dict[str, torch.Tensor]]]) -> Iterator[dict[str, torch.Tensor]]:
+    def _with_sources(
+        self, batches: list[tuple[int, dict[str, torch.Tensor]]]
+    ) -> Generator[dict[str, torch.Tensor], None, None]:
         """The batches, each one processed with its stream's language SFT applied (multi-source)."""
         for stream_index, batch in batches:
             with applied(self.streams[stream_index].sft, self.model):
