@@ -416,9 +416,9 @@ class Registry(Finder):
         with self.db.session() as session:
             rows = session.scalars(select(SourceRow).where(SourceRow.sft_id == record.id).order_by(SourceRow.position))
             return [
-                (session.get(SFTRow, link.source_id).reference if link.source_id is not None else None)
-                or link.reference
-                or "unknown"
+                session.get(SFTRow, link.source_id).reference
+                if link.source_id is not None
+                else f"{link.reference or 'unknown'} (not in this registry)"
                 for link in rows
             ]
 

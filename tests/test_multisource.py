@@ -217,3 +217,29 @@ def test_cli_sources_file_with_null_validation_holds_out(cli, tiny_base, toy_lan
     spec.write_text(json.dumps({"ace": {"train": "x.csv", "validation": None, "sft": 3}}))
     result = cli("train", "--task", "sa", "--base", tiny_base, "--recipe", "quick", "--sources", spec)
     assert result.exit_code == 2 and "must be strings" in result.output
+
+
+def test_cli_multi_source_refusals_name_the_real_problem(cli, tiny_base, toy_languages, tmp_path):
+    corpus = toy.write_corpus(tmp_path / "ban.txt", toy.corpus(toy_languages["ban"], 60))
+    made = cli(
+        "train", "--lang", "ban", "--base", tiny_base, "--recipe", "quick", "--corpus", corpus, "--max-steps", "2"
+    )
+    assert made.exit_code == 0, made.output
+    data = _write(tmp_path / "ace.csv", toy.labelled(toy_languages["ace"], 40))
+    base = ["train", "--task", "sa", "--base", tiny_base, "--recipe", "quick", "--max-steps", "2"]
+    spec = tmp_path / "spec" / "sources.json"
+    spec.parent.mkdir()
+    spec.write_text(json.dumps({"ace": {"train": "../ace.csv", "sft": "ban"}}))  # relative to the spec file
+    wrong_language = cli(*base, "--sources", spec)
+    assert (
+        wrong_language.exit_code == 2 and "lang:ban@1 is a language SFT for 'ban', not 'ace'" in wrong_language.output
+    )
+    assert "given per source" not in wrong_language.output
+    validation = cli(*base, "--source", f"ace={data}", "--validation", data)
+    assert validation.exit_code == 2 and '"validation" in a --sources file' in validation.output
+    sampling = cli(*base, "--train", data, "--source-sampling", "uniform")
+    assert sampling.exit_code == 2 and "chooses between several sources" in sampling.output
+    spec.write_text('{"ace": {"train": "a.csv"}, "ace": {"train": "b.csv"}}')
+    assert "ace given twice" in cli(*base, "--sources", spec).output
+    spec.write_text("{}")
+    assert "expected an object of source languages" in cli(*base, "--sources", spec).output

@@ -351,3 +351,11 @@ def test_remove_deletes_the_run(run):
     run.remove()
     assert not run.path.exists()
     run.remove()  # twice is fine
+
+
+def test_has_progress_says_whether_a_resume_would_skip_work(tmp_path):
+    directory = RunDirectory(tmp_path / "run")
+    directory.start(MANIFEST_DATA, resume=False)
+    assert not directory.has_progress()  # only the manifest: nothing to resume
+    directory.mark_done("full", {"steps": 4})
+    assert directory.has_progress()

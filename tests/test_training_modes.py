@@ -221,6 +221,7 @@ def test_cli_trains_a_variant_with_accumulation_and_shows_it(cli, tiny_base, toy
         (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
         (["--precision", "fp8"], "precision must be one of fp32, bf16, fp16"),
         (["--keep", "1.5"], "keep must be a fraction in [0, 1]"),
+        (["--method", "lt-sft", "--keep", "0"], "LT-SFT (--rank none) does not denoise"),
     ],
 )
 def test_cli_refuses_bad_modes_with_one_line(cli, tiny_base, toy_languages, tmp_path, flags, message):

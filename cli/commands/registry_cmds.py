@@ -169,7 +169,8 @@ def _schedule(trainer: dict[str, Any]) -> str | None:
         return None  # imported, or trained by an sftkit that did not record it
     batch = f"batch {trainer['batch_size']} × {trainer.get('grad_accum', 1)} micro-batches"
     steps = trainer.get("steps_per_phase")
-    return f"{steps} per phase, {batch}, {trainer.get('precision', 'fp32')}" if steps else batch
+    phases = "per phase" if trainer.get("sparse_phase", True) else "in phase 1 only"
+    return f"{steps} {phases}, {batch}, {trainer.get('precision', 'fp32')}" if steps else batch
 
 
 def show_command(

@@ -21,6 +21,9 @@ EXAMPLES_TRAIN = """
   sftkit train --lang ace --rank 90var --corpus ace.txt
   sftkit train --task sa --source-lang id --train smsa.tsv --validation nusax/indonesian/valid.csv
   sftkit train --task sa --source id=smsa.tsv --source jav=nusax/javanese/train.csv    [dim]# multi-source[/dim]
+  sftkit train --task sa --sources sources.json --source-sampling uniform
+  sftkit train --task ner --source-lang id --train wikiann-id.conll                    [dim]# token task[/dim]
+  sftkit train --task sa --train smsa.tsv --batch-size 8 --grad-accum 2 --precision bf16
   sftkit train --lang ace --method lt-sft --k 2.8% --corpus ace.txt --base bert-base-multilingual-cased
   sftkit train --lang ace --recipe quick --base ./tiny --corpus ace.txt --no-register -o ace-sft/
   torchrun --nproc_per_node=4 --no-python sftkit train --lang ace --corpus ace.txt    [dim]# DDP[/dim]
@@ -155,7 +158,7 @@ def train_command(
     source_sampling: Annotated[
         str | None,
         typer.Option(
-            help="Multi-source: proportional (to each source's data, as the LT-SFT reference) or uniform.",
+            help="Multi-source: proportional (to each source's data, as the LT-SFT reference; default) or uniform.",
             rich_help_panel=_MODES,
         ),
     ] = None,
@@ -323,7 +326,7 @@ def train_command(
         typer.Option("--tag", help="Alias to attach in the registry; repeatable.", rich_help_panel=_OUTPUT),
     ] = None,
 ) -> None:
-    """Train a language SFT (masked LM on raw text) or a task SFT (classification), DEFT-X or LT-SFT.
+    """Train a language SFT (masked LM on raw text) or a task SFT (classification or tagging), DEFT-X or LT-SFT.
 
     Phase 1 fine-tunes fully, DEFT-X denoises δ and picks the k largest entries, phase 2 trains only \
 those (memory ∝ k). The result is registered and its reference printed.
@@ -347,8 +350,17 @@ those (memory ∝ k). The result is registered and its reference printed.
     multi = _multi_sources(source or [], sources_file)
     if multi and source_lang:
         raise BadInputError("give one source (--source-lang) or several (--source / --sources), not both")
-    if multi and (train_file or validation):
+    if multi and train_file:
         raise BadInputError("a multi-source SFT reads each source's data from --source LANG=DATA, not --train")
+    if multi and validation:
+        raise BadInputError(
+            'a multi-source SFT validates on each source\'s data: give it per source as "validation" in a '
+            "--sources file (by default each source holds out part of its training data)"
+        )
+    if source_sampling is not None and not multi:
+        raise BadInputError("--source-sampling chooses between several sources (--source / --sources)")
+    if keep is not None and (method == "lt-sft" or (rank is not None and rank.lower() == "none")):
+        raise BadInputError("--keep sets DEFT-X's denoising; LT-SFT (--rank none) does not denoise")
     if Path(base).expanduser().is_dir():  # a local base is recorded absolutely: compose/eval run from anywhere
         base = str(Path(base).expanduser().resolve())
     data = corpus or train_file
@@ -405,6 +417,11 @@ those (memory ∝ k). The result is registered and its reference printed.
     )
     source_record, source_sft, lineage = _source(ctx, source_lang) if source_lang else (None, None, None)
     resolved = {language: _source(ctx, spec.get("sft") or language) for language, spec in multi.items()}
+    for language, (record, _, _) in resolved.items():
+        if record.language != language:
+            raise BadInputError(
+                f"source {language!r}: {record.reference} is a language SFT for {record.language!r}, not {language!r}"
+            )
     source_lineages = {language: found[2] for language, found in resolved.items()}
     run_id = config.with_changes(extra={"source": lineage or source_lineages}).digest()
     work_dir = _home(ctx) / "runs" / run_id
@@ -430,7 +447,13 @@ those (memory ∝ k). The result is registered and its reference printed.
             )
     except KeyboardInterrupt:
         if main_process:
-            err_console.print(f"checkpoints kept in {work_dir}: run the same command with --resume to continue")
+            from sftkit.training.checkpoint import RunDirectory
+
+            if RunDirectory(work_dir).has_progress():
+                err_console.print(f"checkpoints kept in {work_dir}: run the same command with --resume to continue")
+            else:
+                RunDirectory(work_dir).remove()
+                err_console.print("interrupted before the first checkpoint: nothing to resume")
         raise
     if not main_process:
         return
@@ -462,8 +485,8 @@ def _multi_sources(pairs: list[str], spec_file: Path | None) -> dict[str, dict[s
 
     sources: dict[str, dict[str, str]] = {}
 
-    def add(language: str, spec: dict[str, str]) -> None:
-        language = check_name(language, "--source")
+    def add(language: str, spec: dict[str, str], flag: str) -> None:
+        language = check_name(language, flag)
         if language in sources:
             raise BadInputError(f"source language {language!r} given twice")
         sources[language] = spec
@@ -472,14 +495,23 @@ def _multi_sources(pairs: list[str], spec_file: Path | None) -> dict[str, dict[s
         language, equals, data = pair.partition("=")
         if not equals or not language or not data:
             raise BadInputError(f"--source expects LANG=DATA (e.g. ace=ace-train.csv), not {pair!r}")
-        add(language, {"train": data})
+        add(language, {"train": data}, "--source")
     if spec_file is not None:
+
+        def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            keys = [key for key, _ in pairs]
+            repeated = sorted({key for key in keys if keys.count(key) > 1})
+            if repeated:
+                raise BadInputError(f"--sources {spec_file}: {', '.join(repeated)} given twice")
+            return dict(pairs)
+
         try:
-            spec = json.loads(spec_file.read_text(encoding="utf-8"))
+            spec = json.loads(spec_file.read_text(encoding="utf-8"), object_pairs_hook=no_repeats)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BadInputError(f"--sources {spec_file}: not a readable JSON file ({exc})") from exc
-        if not isinstance(spec, dict):
-            raise BadInputError(f"--sources {spec_file}: expected an object of source languages")
+        if not isinstance(spec, dict) or not spec:
+            raise BadInputError(f'--sources {spec_file}: expected an object of source languages, e.g. {{"ace": …}}')
+        here = spec_file.expanduser().resolve().parent
         for language, entry in spec.items():
             allowed = {"train", "validation", "sft"}
             if not isinstance(entry, dict) or "train" not in entry or set(entry) - allowed:
@@ -488,7 +520,13 @@ def _multi_sources(pairs: list[str], spec_file: Path | None) -> dict[str, dict[s
                 )
             if any(value is not None and not isinstance(value, str) for value in entry.values()):
                 raise BadInputError(f"--sources {spec_file}: the values of {language!r} must be strings (paths, refs)")
-            add(language, {key: value for key, value in entry.items() if value is not None})
+            # Data paths are relative to the spec file (hf: datasets and registry references are not paths).
+            entry = {
+                key: str(here / value) if key != "sft" and not value.startswith("hf:") else value
+                for key, value in entry.items()
+                if value is not None
+            }
+            add(language, entry, "--sources")
     return sources
 
 

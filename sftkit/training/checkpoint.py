@@ -92,6 +92,13 @@ class RunDirectory:
             _atomic_json(existing, manifest)
         return False
 
+    def has_progress(self) -> bool:
+        """Whether a resume would skip any work: a checkpoint, a finished phase or a selection is stored."""
+        phases = ("full", "sparse")
+        stored = [self.path / phase / "checkpoint" for phase in phases]
+        stored += [self.path / phase / "done.json" for phase in phases] + [self.path / "selection.json"]
+        return any(path.exists() for path in stored)
+
     def remove(self) -> None:
         if self.writer:
             shutil.rmtree(self.path, ignore_errors=True)

@@ -309,13 +309,13 @@ class TrainConfig:
     @property
     def variant(self) -> str | None:
         """Which of the DEFT-X paper's ablations (Table 5) this run is, if any."""
+        names = []
         if not self.sparse_phase:
-            if str(self.k).strip().lower() == "all":
-                return "w/o magnitude pruning + sparse fine-tuning"
-            return "w/o sparse fine-tuning"
+            everything = str(self.k).strip().lower() == "all"
+            names.append("w/o magnitude pruning + sparse fine-tuning" if everything else "w/o sparse fine-tuning")
         if self.method == "deftx" and self.keep == 0:
-            return "w/o higher-order components"
-        return None
+            names.append("w/o higher-order components")
+        return "; ".join(names) or None
 
     @property
     def effective_batch_size(self) -> int:

@@ -150,7 +150,7 @@ def load_tagged(
     else:
         sentences = _conll_sentences(path, text, allowed)
     if not sentences:
-        raise BadInputError(f"{origin}: no sentences (the file is empty)")
+        raise BadInputError(f"{origin}: no tagged sentence in it (empty, or only -DOCSTART- / blank lines)")
     return TaggedData(sentences, origin, digest, allowed or label_order(_all_tags(sentences)))
 
 
