@@ -20,10 +20,10 @@ import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
-    AutoTokenizer,
     DataCollatorWithPadding,
 )
 
+from sftkit.base_model import load_tokenizer
 from sftkit.errors import BadInputError
 from sftkit.training.data import load_labelled
 from sftkit.training.features import labelled_words, make_collator, tokenize_labelled, tokenize_tagged
@@ -88,12 +88,12 @@ def _classifier(model_or_dir: Any, tokenizer: Any, auto_class: Any) -> tuple[Any
         if not (directory / "config.json").is_file():
             raise BadInputError(f"{directory} is not a model directory (no config.json)")
         model = auto_class.from_pretrained(directory)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
+        tokenizer = tokenizer or directory
     else:
         model = model_or_dir
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.config.name_or_path)
+        tokenizer = tokenizer or model.config.name_or_path
     if isinstance(tokenizer, str | os.PathLike):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = load_tokenizer(str(tokenizer))
     id2label = {int(i): str(label) for i, label in model.config.id2label.items()}
     return model, tokenizer, [id2label[i] for i in range(len(id2label))]
 
