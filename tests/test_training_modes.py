@@ -217,10 +217,10 @@ def test_cli_trains_a_variant_with_accumulation_and_shows_it(cli, tiny_base, toy
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--grad-accum", "0"], "grad_accum must be a positive whole number"),
+        (["--grad-accum", "0"], "--grad-accum must be a positive whole number"),
         (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
         (["--precision", "fp8"], "precision must be one of fp32, bf16, fp16"),
-        (["--keep", "1.5"], "keep must be a fraction in [0, 1]"),
+        (["--keep", "1.5"], "--keep must be a fraction in [0, 1]"),
         (["--method", "lt-sft", "--keep", "0"], "LT-SFT (--rank none) does not denoise"),
     ],
 )

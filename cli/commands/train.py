@@ -377,44 +377,48 @@ those (memory ∝ k). The result is registered and its reference printed.
 
     from sftkit.training import make_config
 
-    config = make_config(
-        language=name if kind == "language" else None,
-        task=name if kind == "task" else None,
-        recipe=recipe,
-        base_model=base,
-        base_revision=revision,
-        method=method,
-        rank=rank,
-        keep=keep,
-        k=k,
-        sources={
-            language: {"train": spec["train"], "validation": spec.get("validation")} for language, spec in multi.items()
-        }
-        or None,
-        source_sampling=source_sampling,
-        sparse_phase=sparse_phase,
-        l1=l1,
-        freeze_decoder=freeze_decoder,
-        head_warmup_steps=head_warmup_steps,
-        train=data,
-        validation=validation,
-        label_column=label_column,
-        task_type=task_type,
-        epochs=epochs,
-        max_steps=max_steps,
-        min_steps=min_steps,
-        batch_size=batch_size,
-        lr=lr,
-        max_length=max_length,
-        eval_steps=eval_steps,
-        weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio,
-        seed=seed,
-        device=device,
-        grad_accum=grad_accum,
-        precision=precision,
-        **columns,
-    )
+    try:
+        config = make_config(
+            language=name if kind == "language" else None,
+            task=name if kind == "task" else None,
+            recipe=recipe,
+            base_model=base,
+            base_revision=revision,
+            method=method,
+            rank=rank,
+            keep=keep,
+            k=k,
+            sources={
+                language: {"train": spec["train"], "validation": spec.get("validation")}
+                for language, spec in multi.items()
+            }
+            or None,
+            source_sampling=source_sampling,
+            sparse_phase=sparse_phase,
+            l1=l1,
+            freeze_decoder=freeze_decoder,
+            head_warmup_steps=head_warmup_steps,
+            train=data,
+            validation=validation,
+            label_column=label_column,
+            task_type=task_type,
+            epochs=epochs,
+            max_steps=max_steps,
+            min_steps=min_steps,
+            batch_size=batch_size,
+            lr=lr,
+            max_length=max_length,
+            eval_steps=eval_steps,
+            weight_decay=weight_decay,
+            warmup_ratio=warmup_ratio,
+            seed=seed,
+            device=device,
+            grad_accum=grad_accum,
+            precision=precision,
+            **columns,
+        )
+    except BadInputError as exc:
+        raise BadInputError(_as_flags(str(exc))) from exc
     source_record, source_sft, lineage = _source(ctx, source_lang) if source_lang else (None, None, None)
     resolved = {language: _source(ctx, spec.get("sft") or language) for language, spec in multi.items()}
     for language, (record, _, _) in resolved.items():
@@ -475,6 +479,18 @@ those (memory ∝ k). The result is registered and its reference printed.
         return
     record = st.registry().add(sft, tags=tuple(tag or ()), source=source_record)
     console.print(record.reference)
+
+
+def _as_flags(message: str) -> str:
+    """A configuration error in the CLI's words: ``grad_accum must …`` → ``--grad-accum must …``."""
+    from dataclasses import fields
+
+    from sftkit.training.config import TrainConfig
+
+    for field in fields(TrainConfig):
+        if message.startswith(f"{field.name} "):
+            return f"--{field.name.replace('_', '-')}{message[len(field.name) :]}"
+    return message
 
 
 def _multi_sources(pairs: list[str], spec_file: Path | None) -> dict[str, dict[str, str]]:
