@@ -1,15 +1,16 @@
 """``sftkit demo`` (the README's first command) as a user runs it: the installed script in a fresh process.
 
 One run (it trains eight SFTs): every stage's outcome is checked from ``--json`` and from the files it
-leaves in ``--home``, and the wall time is measured and reported (``record_property`` and stdout; run
-pytest with ``-s`` or ``-rP`` to see it). The bound is generous (2× the ~60–90 s the demo takes on 2
-CPU cores) so a slower CI machine passes while a regression to the earlier 300 s fails.
+leaves in ``--home``, and its wall and CPU time are measured and reported (``record_property`` and stdout;
+run pytest with ``-s`` or ``-rP`` to see them). The bound is on CPU time, which a parallel test worker or
+another job barely moves, while wall time doubles or triples under load.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -20,7 +21,8 @@ import pytest
 from sftkit import toy
 
 SFTKIT = shutil.which("sftkit")
-WALL_SECONDS_BOUND = 240.0
+# 2.5× a quiet run's CPU time here (≈ 59 s): a 2× slower machine passes, the 314 s demo of old would not.
+CPU_SECONDS_BOUND = 150.0
 STAGES = (
     "toy world and base model",
     "training and registering",
@@ -42,7 +44,7 @@ def demo(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SFTKIT_HOME": str(tmp / "sftkit-home")}
     env.pop("SFTKIT_REGISTRY_URL", None)
     home = tmp / "demo"
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), _children_cpu_seconds()
     done = subprocess.run(
         [SFTKIT, "demo", "--home", str(home), "--json"],
         env=env,
@@ -51,28 +53,36 @@ def demo(tmp_path_factory):
         text=True,
         timeout=900,
     )
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, _children_cpu_seconds() - cpu_before
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout), home, wall
+    return json.loads(done.stdout), home, wall, cpu
 
 
-def test_demo_wall_time_is_reported_and_bounded(demo, record_property):
-    results, _, wall = demo
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_demo_time_is_reported_and_bounded(demo, record_property):
+    """Wall time is reported; the bound is on CPU time, which other jobs on the machine barely move
+    (a quiet 2-core run: ≈ 62 s wall, ≈ 59 s CPU; under a parallel suite plus a benchmark: 264 s wall)."""
+    results, _, wall, cpu = demo
     record_property("demo_wall_seconds", round(wall, 1))
+    record_property("demo_cpu_seconds", round(cpu, 1))
     record_property("demo_reported_seconds", results["seconds"])
     record_property("demo_stage_seconds", json.dumps(results["timings"]))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"\nsftkit demo: {wall:.1f} s wall (process), {results['seconds']} s reported by the demo, "
+        f"\nsftkit demo: {wall:.1f} s wall, {cpu:.1f} s CPU (process), {results['seconds']} s reported by the demo, "
         f"stages {results['timings']}, load average {load:.2f} on {os.cpu_count()} CPUs"
     )
     assert tuple(results["timings"]) == STAGES  # every stage ran, in order, and was timed
     assert sum(results["timings"].values()) <= results["seconds"] + 0.5 <= wall + 0.5
-    assert wall <= WALL_SECONDS_BOUND, f"sftkit demo took {wall:.0f} s (bound {WALL_SECONDS_BOUND:.0f} s)"
+    assert cpu <= CPU_SECONDS_BOUND, f"sftkit demo used {cpu:.0f} s of CPU (bound {CPU_SECONDS_BOUND:.0f} s)"
 
 
 def test_demo_trains_and_registers_both_methods(demo):
-    results, home, _ = demo
+    results, home, _, _ = demo
     records = {record["reference"]: record for record in results["registry"]}
     assert len(records) == 8  # (3 language SFTs + 1 task SFT) × (DEFT-X, LT-SFT)
     by_method = {method: [r for r in records.values() if r["method"] == method] for method in ("deftx", "lt-sft")}
@@ -112,7 +122,7 @@ def test_demo_trains_and_registers_both_methods(demo):
 
 
 def test_demo_overlap_composition_and_evaluation(demo):
-    results, _, _ = demo
+    results, _, _, _ = demo
     assert set(results["overlap"]) == {"deftx", "lt-sft"}
     for values in results["overlap"].values():
         assert set(values) == {"ace", "ban"} and all(0.0 <= value <= 1.0 for value in values.values())
@@ -128,7 +138,7 @@ def test_demo_overlap_composition_and_evaluation(demo):
 def test_demo_exported_model_loads_and_reproduces_the_pipeline_call(demo):
     from transformers import AutoModelForSequenceClassification, pipeline
 
-    results, home, _ = demo
+    results, home, _, _ = demo
     exported = Path(results["exported"]["path"])
     assert exported.is_relative_to(home)
     record = json.loads((exported / "sftkit_compose.json").read_text())
