@@ -127,7 +127,6 @@ class TrainConfig:
             return self.task_type
         if self.task in TOKEN_TASKS:
             return "token"
-
         data = self._first_train_file
         return "token" if data is not None and looks_tagged(data, self.token_keys[0]) else "sequence"
 

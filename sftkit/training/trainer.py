@@ -170,12 +170,12 @@ def train(
     return TrainResult(sft, run.model, run.tokenizer, sft.metadata.metrics)
 
 
-def _source_languages(config: TrainConfig, sources: Mapping[str, SparseFineTuning] | None) -> list[str | None]:
-    """The source languages of a multi-source run (each needs data and an SFT), or ``[None]`` for one stream."""
+def _source_languages(config: TrainConfig, sources: Mapping[str, SparseFineTuning] | None) -> list[str]:
+    """The source languages of a multi-source run (each needs data and an SFT); none for one stream."""
     named = set(config.sources or {})
     given = set(sources or {})
     if not named and not given:
-        return [None]
+        return []
     if named and not given:
         raise BadInputError(
             f"config.sources names {', '.join(sorted(named))}: pass their language SFTs as sources={{language: SFT}}"
@@ -184,10 +184,6 @@ def _source_languages(config: TrainConfig, sources: Mapping[str, SparseFineTunin
         missing = ", ".join(sorted(named ^ given))
         raise BadInputError(f"every source language needs both data and a language SFT; unmatched: {missing}")
     return sorted(given)
-
-
-def _order(examples: int, batch_size: int, config: TrainConfig, dist: Dist) -> BatchOrder:
-    return BatchOrder(examples, batch_size, config.seed, dist.rank, dist.world)
 
 
 def _check_source(source: SparseFineTuning, fingerprint: str, config: TrainConfig) -> None:
@@ -461,12 +457,12 @@ class _Run:
             raise BadInputError(f"precision fp16 needs a CUDA GPU (this run is on {device.type}): use bf16 or fp32")
         if source is not None and sources:
             raise BadInputError("give one source-language SFT or several sources, not both")
-        languages: list[str | None] = _source_languages(config, sources)
+        languages = _source_languages(config, sources)
         tokenizer = load_tokenizer(config.base_model, config.base_revision)
-        if languages == [None]:
-            loaded = [load_run_data(config, tokenizer, *data)]
+        if languages:
+            loaded = load_source_data(config, tokenizer, data, languages)
         else:
-            loaded = load_source_data(config, tokenizer, data, [language for language in languages if language])
+            loaded = [load_run_data(config, tokenizer, *data)]
         labels = loaded[0].labels
         if source is not None and lineage is None:
             lineage = {"reference": None, "sha256": None, "language": source.metadata.language}
@@ -490,14 +486,19 @@ class _Run:
             validation_batches += [(index, b) for b in fixed_batches(held, validation_collate, config.eval_batch_size)]
         batch = config.effective_batch_size
         streams = [
-            Stream(language, sfts.get(language), part.train_items, _order(len(part.train_items), batch, config, dist))
-            for language, part in zip(languages, loaded, strict=True)
+            Stream(
+                language,
+                sfts.get(language) if language else None,
+                part.train_items,
+                BatchOrder(len(part.train_items), batch, config.seed, dist.rank, dist.world),
+            )
+            for language, part in zip(languages or [None], loaded, strict=True)
         ]
         total_steps = config.total_steps(sum(len(part.train_items) for part in loaded))
         sizes = [len(part.train_items) for part in loaded]
         record = (
             loaded[0].record
-            if not sources
+            if not languages
             else {"sources": {language: part.record for language, part in zip(languages, loaded, strict=True)}}
         )
         if work_dir is None and resume:
@@ -627,7 +628,7 @@ class _Run:
         gc.collect()
         if not cfg.sparse_phase:
             diffs = self._selected_deltas(masks)
-            self._set_to(diffs, head_end)
+            SparseFineTuning(diffs, head_end).apply(self.model)  # θ_start + φ with θ1's head
             # The stored model (θ_start + μ ⊙ denoised δ, θ1's head) is not θ1: score what is kept.
             summaries["final"] = self._evaluate()
             sft = self._build_sft(diffs, summaries, selection_info)
@@ -714,16 +715,6 @@ class _Run:
             for name, mask in masks.items()
             if bool(mask.any())
         }
-
-    @torch.no_grad()
-    def _set_to(self, diffs: Mapping[str, SparseDelta], head: Mapping[str, torch.Tensor]) -> None:
-        """θ_start + φ with the given head: the model a variant without the sparse phase ends with."""
-        params = dict(maskable_parameters(self.model))
-        for name, delta in diffs.items():
-            flat = params[name].view(-1)
-            index = delta.indices.to(flat.device)
-            flat.index_add_(0, index, delta.values.to(device=flat.device, dtype=flat.dtype))
-        self._load_head(head)
 
     @torch.no_grad()
     def _reset_to_start(self, start: Mapping[str, torch.Tensor]) -> None:
