@@ -238,11 +238,27 @@ class SparseFineTuning:
         """Add ``scale`` × φ to ``model`` in place, entry by entry (no dense delta is built).
 
         Head tensors present in ``model`` (same name and shape) are copied in when ``with_head``;
-        the others — e.g. a language SFT's MLM head on a classifier — are ignored.
+        the others — e.g. a language SFT's MLM head on a classifier — are ignored. Atomic: every name and
+        shape is checked before the first change, so a refused SFT leaves ``model`` bit-identical.
         """
-        encoder = encoder_of(model)
-        params = dict(encoder.named_parameters(remove_duplicate=False))
+        deltas, heads = self._targets(model, with_head)
         saved: list[tuple[torch.Tensor, Any, torch.Tensor]] = []
+        for param, delta in deltas:
+            flat = param.data.view(-1)
+            index = delta.indices.to(param.device)
+            saved.append((flat, index, flat[index].clone()))
+            flat.index_add_(0, index, delta.values.to(device=param.device, dtype=param.dtype), alpha=scale)
+        for param, tensor in heads:
+            saved.append((param.data, None, param.data.clone()))
+            param.data.copy_(tensor.to(device=param.device, dtype=param.dtype))
+        self._applied.setdefault(model, []).append(saved)
+
+    def _targets(
+        self, model: nn.Module, with_head: bool
+    ) -> tuple[list[tuple[nn.Parameter, SparseDelta]], list[tuple[nn.Parameter, torch.Tensor]]]:
+        """The (parameter, delta) and (parameter, head tensor) pairs ``apply`` changes, all names and shapes checked."""
+        params = dict(encoder_of(model).named_parameters(remove_duplicate=False))
+        deltas = []
         for name, delta in self.diffs.items():
             param = params.get(name)
             if param is None:
@@ -251,24 +267,20 @@ class SparseFineTuning:
                 raise BaseMismatchError(
                     f"{name}: SFT shape {delta.shape} does not match the model's {tuple(param.shape)}"
                 )
-            flat = param.data.view(-1)
-            index = delta.indices.to(param.device)
-            saved.append((flat, index, flat[index].clone()))
-            flat.index_add_(0, index, delta.values.to(device=param.device, dtype=param.dtype), alpha=scale)
-        if with_head:
-            model_params = dict(model.named_parameters(remove_duplicate=False))
-            for name, tensor in self.full.items():
-                param = model_params.get(name)
-                if param is None:
-                    continue
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise BaseMismatchError(
-                        f"head tensor {name}: SFT shape {tuple(tensor.shape)} does not match the "
-                        f"model's {tuple(param.shape)} (different number of labels?)"
-                    )
-                saved.append((param.data, None, param.data.clone()))
-                param.data.copy_(tensor.to(device=param.device, dtype=param.dtype))
-        self._applied.setdefault(model, []).append(saved)
+            deltas.append((param, delta))
+        model_params = dict(model.named_parameters(remove_duplicate=False)) if with_head else {}
+        heads = []
+        for name, tensor in self.full.items():
+            param = model_params.get(name)
+            if param is None:
+                continue
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise BaseMismatchError(
+                    f"head tensor {name}: SFT shape {tuple(tensor.shape)} does not match the "
+                    f"model's {tuple(param.shape)} (different number of labels?)"
+                )
+            heads.append((param, tensor))
+        return deltas, heads
 
     @torch.no_grad()
     def revert(self, model: nn.Module) -> None:

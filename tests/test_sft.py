@@ -117,6 +117,36 @@ def test_apply_refuses_wrong_shapes(mlm):
         sft.apply(mlm)
 
 
+def _bad_last(sft: SparseFineTuning, mlm, fault: str) -> SparseFineTuning:
+    """``sft`` with one fault after every valid delta: a missing parameter, a wrong shape, or a wrong head."""
+    if fault == "missing":
+        sft.diffs["encoder.layer.9.output.dense.weight"] = SparseDelta((2, 2), torch.tensor([0]), torch.ones(1))
+    elif fault == "shape":
+        name, delta = sft.diffs.popitem()
+        sft.diffs[name] = SparseDelta((delta.shape[0] + 1, *delta.shape[1:]), delta.indices, delta.values)
+    else:
+        name = "lm_head.dense.weight"
+        sft.full[name] = torch.ones(mlm.lm_head.dense.weight.shape[0] + 1, mlm.lm_head.dense.weight.shape[1])
+    return sft
+
+
+@pytest.mark.parametrize("fault", ["missing", "shape", "head"])
+def test_a_refused_apply_leaves_the_model_bit_identical(mlm, fault):
+    from sftkit.training.streams import applied
+
+    sft = _bad_last(random_sft(mlm), mlm, fault)
+    before = {name: p.detach().clone() for name, p in mlm.named_parameters()}
+    with pytest.raises(BaseMismatchError):
+        sft.apply(mlm)
+    if fault != "head":  # applied() (a multi-source batch's SFT) leaves heads alone; it has nothing to undo
+        with pytest.raises(BaseMismatchError), applied(sft, mlm):
+            pass
+    for name, param in mlm.named_parameters():
+        assert torch.equal(param.detach(), before[name]), name
+    with pytest.raises(BadInputError, match="not been applied"):
+        sft.revert(mlm)
+
+
 def test_bad_directories_give_clear_errors(tmp_path, mlm):
     with pytest.raises(BadInputError, match="not an SFT directory"):
         SparseFineTuning.load(tmp_path)
