@@ -13,7 +13,9 @@ import torch
 
 from sftkit.errors import BadInputError
 from sftkit.training.evaluation import evaluate_tagger, tag_counts_of
-from sftkit.training.features import IGNORE, labelled_words, make_collator, tokenize_tagged
+from sftkit.training.features import IGNORE, fixed_batches, make_collator, tokenize_tagged
+from sftkit.training.recipes import make_config
+from sftkit.training.run_data import load_run_data
 from sftkit.training.token_data import TaggedSentence, entity_types, label_order, load_tagged
 from sftkit.training.token_metrics import best_metric, count_classes, tag_counts, tag_scores, word_tags
 
@@ -48,6 +50,7 @@ def tokenizer():
 
 
 UJUNG = TaggedSentence(["Ujung", "Batee", "is", "bigger", ".", "Aceh"], ["B-LOC", "I-LOC", "O", "O", "O", "B-LOC"])
+GO = TaggedSentence(["go"], ["O"])
 LABEL2ID = {label: i for i, label in enumerate(NER_LABELS)}
 OUT, B_LOC, I_LOC = LABEL2ID["O"], LABEL2ID["B-LOC"], LABEL2ID["I-LOC"]
 
@@ -166,12 +169,13 @@ def test_invalid_utf8_names_the_line(tmp_path):
 
 # ---------------------------------------------------------------------- features
 def test_first_subtoken_labels_exactly(tokenizer):
-    (item,) = tokenize_tagged(tokenizer, [UJUNG], LABEL2ID, max_length=64)
+    (item,) = tokenize_tagged(tokenizer, [UJUNG], LABEL2ID, max_length=64, scored=True)
     tokens = tokenizer.convert_ids_to_tokens(item["input_ids"])
     assert tokens == ["<s>", "ujung", "bat", "##ee", "is", "big", "##ger", ".", "aceh", "</s>"]
     assert item["labels"] == [IGNORE, B_LOC, I_LOC, IGNORE, OUT, OUT, IGNORE, OUT, B_LOC, IGNORE]
     assert item["attention_mask"] == [1] * 10
-    assert labelled_words(tokenizer, [UJUNG], 64) == [[0, 1, 2, 3, 4, 5]]
+    assert item["word_index"] == [0, 1, 2, 3, 4, 5]
+    assert item["gold_tags"] == [B_LOC, I_LOC, OUT, OUT, OUT, B_LOC]
 
 
 def test_a_word_split_by_the_pre_tokenizer_is_still_one_word(tokenizer):
@@ -186,17 +190,22 @@ def test_truncation_keeps_the_first_subtoken_of_a_cut_word(tokenizer):
     (item,) = tokenize_tagged(tokenizer, [UJUNG], LABEL2ID, max_length=4)
     assert tokenizer.convert_ids_to_tokens(item["input_ids"]) == ["<s>", "ujung", "bat", "</s>"]
     assert item["labels"] == [IGNORE, B_LOC, I_LOC, IGNORE]
-    (item,) = tokenize_tagged(tokenizer, [UJUNG], LABEL2ID, max_length=6)
+    (item,) = tokenize_tagged(tokenizer, [UJUNG], LABEL2ID, max_length=6, scored=True)
     assert item["labels"] == [IGNORE, B_LOC, I_LOC, IGNORE, OUT, IGNORE]
-    assert labelled_words(tokenizer, [UJUNG], 6) == [[0, 1, 2]]
+    assert item["word_index"] == [0, 1, 2] and len(item["gold_tags"]) == 6  # scored: every word's gold tag
 
 
 def test_collator_pads_labels_with_ignore(tokenizer):
-    items = tokenize_tagged(tokenizer, [UJUNG, TaggedSentence(["go"], ["O"])], LABEL2ID, 64)
+    items = tokenize_tagged(tokenizer, [UJUNG, GO], LABEL2ID, 64)
     batch = make_collator("tagging", tokenizer, 0.0)(items)
     assert batch["input_ids"].shape == batch["labels"].shape == (2, 10)
     assert batch["labels"][1].tolist() == [IGNORE, OUT, IGNORE] + [IGNORE] * 7
     assert batch["attention_mask"][1].tolist() == [1, 1, 1] + [0] * 7
+    scored = make_collator("tagging", tokenizer, 0.0)(
+        tokenize_tagged(tokenizer, [UJUNG, GO], LABEL2ID, 64, scored=True)
+    )
+    assert scored["word_index"].tolist() == [[0, 1, 2, 3, 4, 5], [0] + [IGNORE] * 5]  # per word, not per token
+    assert scored["gold_tags"][1].tolist() == [OUT] + [IGNORE] * 5
 
 
 def test_unknown_tag_and_slow_tokenizer_are_errors(tokenizer):
@@ -343,9 +352,28 @@ def test_evaluate_tagger_scores_every_word_including_truncated_ones(tokenizer, t
 def test_tag_counts_of_batches_matches_word_level_counts(tokenizer):
     labels = ["O", "B-LOC", "I-LOC"]
     sentences = [UJUNG, TaggedSentence(["go", "Ujung"], ["O", "B-LOC"])]
-    items = tokenize_tagged(tokenizer, sentences, {label: i for i, label in enumerate(labels)}, 64)
+    items = tokenize_tagged(tokenizer, sentences, {label: i for i, label in enumerate(labels)}, 64, scored=True)
     batch = make_collator("tagging", tokenizer, 0.0)(items)
     counts = tag_counts_of(_Oracle(), [batch], labels)
     predicted = [["B-LOC", "I-LOC", "O", "O", "O", "O"], ["O", "B-LOC"]]
     assert torch.equal(counts, tag_counts([s.tags for s in sentences], predicted, labels))
     assert tag_scores(counts, labels)["entity_f1"] == pytest.approx(2 * (2 / 2) * (2 / 3) / (1 + 2 / 3))
+
+
+def test_validation_during_training_scores_truncated_words_as_sftkit_eval_does(tokenizer, tmp_path):
+    """Entities at words 1 and 11, max_length 8, a model perfect on every word it sees: the trainer's
+    validation (the run's held-out items, collated as the trainer does) and ``evaluate_tagger`` both find
+    one of two entities."""
+    labels = ["O", "B-LOC", "I-LOC"]
+    words = ["go", "Ujung", *["is"] * 9, "Ujung"]
+    sentence = TaggedSentence(words, ["B-LOC" if word == "Ujung" else "O" for word in words])
+    path = tmp_path / "held.conll"
+    path.write_text("\n".join(f"{w}\t{t}" for w, t in zip(sentence.words, sentence.tags, strict=True)) + "\n")
+    config = make_config(task="ner", labels=labels, max_length=8, eval_batch_size=4)
+    held = load_run_data(config, tokenizer, [(["go"], ["O"])], str(path)).validation_items
+    batches = fixed_batches(held, make_collator(config.collator_kind, tokenizer, 0.0), config.eval_batch_size)
+    during_training = tag_scores(tag_counts_of(_Oracle(), batches, labels), labels)
+    evaluated = evaluate_tagger(_Oracle(), path, tokenizer=tokenizer, device="cpu", max_length=8)
+    assert (during_training["entity_recall"], during_training["entities"]) == (0.5, 2)
+    assert (evaluated["entity_recall"], evaluated["entities"], evaluated["unpredicted_words"]) == (0.5, 2, 6)
+    assert {key: evaluated[key] for key in during_training} == during_training

@@ -23,7 +23,9 @@ from sftkit.compose import compose
 from sftkit.errors import BadInputError
 from sftkit.sft import SparseFineTuning
 from sftkit.training import make_config, train
+from sftkit.training.evaluation import evaluate_tagger
 from sftkit.training.token_data import TaggedSentence
+from sftkit.training.trainer import TOKEN_SCORES
 
 NER_LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
 POS_TAGS = ("ADJ", "NOUN", "VERB")
@@ -256,3 +258,25 @@ def test_in_memory_token_task_with_given_tags_and_validation(tiny_base):
     assert meta.head_type == "token-classification" and meta.labels == [*NER_LABELS, "B-ORG", "I-ORG"]
     assert meta.trainer["validation_examples"] == 10 and meta.data["validation"]["sentences"] == 10
     assert "entity_f1" in meta.metrics["sparse"] and type(result.model).__name__ == "XLMRobertaForTokenClassification"
+
+
+def test_validation_during_training_equals_sftkit_eval_on_truncated_sentences(tiny_base):
+    """At max_length 8 most held-out sentences lose words: the best step's validation scores (θ2 is that
+    step's model) still equal ``evaluate_tagger`` on the same sentences, which scores every word."""
+    sentences = [(s.words, s.tags) for s in _sentences("ner", 40, 6)]
+    held = [(s.words, s.tags) for s in _sentences("ner", 10, 7)]
+    config = make_config(
+        task="ner",
+        base_model=str(tiny_base),
+        recipe="quick",
+        max_steps=4,
+        eval_steps=2,
+        max_length=8,
+        labels=NER_LABELS,
+    )
+    result = train(config, train_data=sentences, validation_data=held)
+    sparse = result.sft.metadata.metrics["sparse"]
+    (best,) = [entry for entry in sparse["history"] if entry["step"] == sparse["best_step"]]
+    evaluated = evaluate_tagger(result.model, held, tokenizer=result.tokenizer, device="cpu", max_length=8)
+    assert evaluated["unpredicted_words"] > 0
+    assert {key: best[key] for key in TOKEN_SCORES} == pytest.approx({key: evaluated[key] for key in TOKEN_SCORES})

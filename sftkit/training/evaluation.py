@@ -26,9 +26,16 @@ from transformers import (
 from sftkit.base_model import load_tokenizer
 from sftkit.errors import BadInputError
 from sftkit.training.data import load_labelled
-from sftkit.training.features import labelled_words, make_collator, tokenize_labelled, tokenize_tagged
+from sftkit.training.features import (
+    GOLD_TAGS,
+    SCORING_KEYS,
+    WORD_INDEX,
+    make_collator,
+    tokenize_labelled,
+    tokenize_tagged,
+)
 from sftkit.training.token_data import load_tagged
-from sftkit.training.token_metrics import count_classes, tag_counts, tag_scores, word_tags
+from sftkit.training.token_metrics import count_classes, sentence_tags, tag_counts, tag_scores
 
 
 def confusion_matrix(gold: torch.Tensor, predicted: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -139,15 +146,19 @@ def evaluate(
 @torch.no_grad()
 def tag_counts_of(model: Any, batches: Iterable[dict[str, torch.Tensor]], labels: Sequence[str]) -> torch.Tensor:
     """Token-task count table (``token_metrics.tag_counts``) of ``model``'s argmax predictions on collated
-    ``tokenize_tagged`` batches, read at the first sub-token of each word; sums across processes."""
+    ``tokenize_tagged(scored=True)`` batches, read at the first sub-token of each word; sums across processes.
+
+    Every word of each sentence counts, also those cut off at ``max_length`` (``token_metrics.sentence_tags``),
+    so validation during training and :func:`evaluate_tagger` score the same data alike.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     counts = torch.zeros(len(count_classes(labels)) + 1, 3, dtype=torch.long)
     for batch in batches:
-        inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+        inputs = {key: value.to(device) for key, value in batch.items() if key not in ("labels", *SCORING_KEYS)}
         predicted = model(**inputs).logits.argmax(dim=-1).cpu()
-        counts += tag_counts(*word_tags(predicted, batch["labels"], labels), labels)
+        counts += tag_counts(*sentence_tags(predicted, batch, labels), labels)
     model.train(was_training)
     return counts
 
@@ -172,26 +183,13 @@ def evaluate_tagger(
     model, tokenizer, labels = _classifier(model_or_dir, tokenizer, AutoModelForTokenClassification)
     sentences = load_tagged(data, labels, tokens_key=tokens_key, tags_key=tags_key).sentences
     length = max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
-    items = tokenize_tagged(tokenizer, sentences, {label: i for i, label in enumerate(labels)}, length)
-    positions = labelled_words(tokenizer, sentences, length)
+    items = tokenize_tagged(tokenizer, sentences, {label: i for i, label in enumerate(labels)}, length, scored=True)
     collate = make_collator("tagging", tokenizer, 0.0)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))  # less padding
-    predicted: list[list[str | None]] = [[None] * len(sentence.words) for sentence in sentences]
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            batch = collate([items[i] for i in chosen])
-            inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
-            _, tags = word_tags(model(**inputs).logits.argmax(dim=-1).cpu(), batch["labels"], labels)
-            for index, sentence_tags in zip(chosen, tags, strict=True):
-                for word, tag in zip(positions[index], sentence_tags, strict=True):
-                    predicted[index][word] = tag
-    model.train(was_training)
-    result = tag_scores(tag_counts([s.tags for s in sentences], predicted, labels), labels)
-    result["unpredicted_words"] = sum(tags.count(None) for tags in predicted)
+    items.sort(key=lambda item: len(item["input_ids"]))  # less padding; the count table ignores order
+    batches = (collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size))
+    result = tag_scores(tag_counts_of(model, batches, labels), labels)
+    result["unpredicted_words"] = sum(len(item[GOLD_TAGS]) - len(item[WORD_INDEX]) for item in items)
     return result

@@ -52,49 +52,46 @@ def tokenize_labelled(
 
 
 IGNORE = -100  # the label of positions that are not a word's first sub-token
+# What a scored sentence's item also carries (``tokenize_tagged(scored=True)``); never a model input.
+GOLD_TAGS = "gold_tags"  # the tag id of every word of the sentence
+WORD_INDEX = "word_index"  # the word at each labelled position, in order
+SCORING_KEYS = (GOLD_TAGS, WORD_INDEX)
 
 
 def tokenize_tagged(
-    tokenizer: Any, sentences: Sequence[TaggedSentence], label2id: dict[str, int], max_length: int
+    tokenizer: Any,
+    sentences: Sequence[TaggedSentence],
+    label2id: dict[str, int],
+    max_length: int,
+    *,
+    scored: bool = False,
 ) -> list[Item]:
     """One item per sentence: ``labels`` holds the tag id at each word's first sub-token, ``-100`` elsewhere.
 
     Sentences longer than ``max_length`` tokens are truncated: their last words get no label (no prediction).
+    ``scored`` items also hold ``gold_tags`` and ``word_index``, so that metrics count every word of the
+    sentence, including those truncation cut off (``token_metrics.sentence_tags``), not just the labelled ones.
     """
     encoded = _encode_words(tokenizer, sentences, max_length)
     items = []
     for index, sentence in enumerate(sentences):
-        labels = []
-        for word in _first_subtokens(encoded.word_ids(index)):
-            if word is None:
-                labels.append(IGNORE)
-                continue
-            tag = sentence.tags[word]
-            if tag not in label2id:
-                raise BadInputError(
-                    f"sentence {index + 1}: tag {tag!r} is not one of the labels ({', '.join(label2id)})"
-                )
-            labels.append(label2id[tag])
-        items.append(
-            {
-                "input_ids": encoded["input_ids"][index],
-                "attention_mask": encoded["attention_mask"][index],
-                "labels": labels,
-            }
-        )
+        words = _first_subtokens(encoded.word_ids(index))
+        item = {
+            "input_ids": encoded["input_ids"][index],
+            "attention_mask": encoded["attention_mask"][index],
+            "labels": [IGNORE if word is None else _tag_id(label2id, sentence.tags[word], index) for word in words],
+        }
+        if scored:
+            item[GOLD_TAGS] = [_tag_id(label2id, tag, index) for tag in sentence.tags]
+            item[WORD_INDEX] = [word for word in words if word is not None]
+        items.append(item)
     return items
 
 
-def labelled_words(tokenizer: Any, sentences: Sequence[TaggedSentence], max_length: int) -> list[list[int]]:
-    """Per sentence, the index of the word at each labelled position of :func:`tokenize_tagged`, in order.
-
-    Words missing from it got no prediction: cut off by truncation, or tokenised to nothing.
-    """
-    encoded = _encode_words(tokenizer, sentences, max_length)
-    return [
-        [word for word in _first_subtokens(encoded.word_ids(index)) if word is not None]
-        for index in range(len(sentences))
-    ]
+def _tag_id(label2id: dict[str, int], tag: str, index: int) -> int:
+    if tag not in label2id:
+        raise BadInputError(f"sentence {index + 1}: tag {tag!r} is not one of the labels ({', '.join(label2id)})")
+    return label2id[tag]
 
 
 def _encode_words(tokenizer: Any, sentences: Sequence[TaggedSentence], max_length: int) -> Any:
@@ -162,8 +159,24 @@ def make_collator(kind: str, tokenizer: Any, mlm_probability: float, seed: int |
     if kind == "language":
         return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
     if kind == "tagging":
-        return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE)
+        return TaggingCollator(tokenizer)
     return DataCollatorWithPadding(tokenizer)
+
+
+class TaggingCollator:
+    """Token-task batches: ``labels`` padded with -100 (transformers' collator), and so are a scored
+    sentence's ``gold_tags`` and ``word_index``, which are per word, not per token."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.pad = DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE)
+
+    def __call__(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
+        per_word = {key: [item[key] for item in items] for key in SCORING_KEYS if key in items[0]}
+        batch = dict(self.pad([{k: v for k, v in item.items() if k not in per_word} for item in items]))
+        for key, rows in per_word.items():
+            width = max(len(row) for row in rows)
+            batch[key] = torch.tensor([row + [IGNORE] * (width - len(row)) for row in rows], dtype=torch.long)
+        return batch
 
 
 def fixed_batches(items: Sequence[Item], collator: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:

@@ -117,7 +117,7 @@ def _load_tagged_data(
         train_sentences, held_sentences = holdout_split(tagged.sentences, cfg.holdout, cfg.seed)
     label2id = {label: i for i, label in enumerate(labels)}
     train_items = tokenize_tagged(tokenizer, train_sentences, label2id, cfg.max_length)
-    validation_items = tokenize_tagged(tokenizer, held_sentences, label2id, cfg.max_length)
+    validation_items = tokenize_tagged(tokenizer, held_sentences, label2id, cfg.max_length, scored=True)
     record = {"train": tagged.describe(), "validation": held.describe() if held else None}
     return train_items, validation_items, labels, record
 

@@ -15,13 +15,13 @@ A word without a prediction (cut off by truncation) counts as ``O`` for NER and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from sftkit.errors import BadInputError
-from sftkit.training.features import IGNORE
+from sftkit.training.features import GOLD_TAGS, IGNORE, WORD_INDEX
 from sftkit.training.token_data import OUTSIDE, entity_types
 
 # The validation metric that picks the best checkpoint.
@@ -58,6 +58,25 @@ def word_tags(
         gold_tags.append([labels[gold_row[i]] for i in positions])
         predicted_tags.append([labels[predicted_row[i]] for i in positions])
     return gold_tags, predicted_tags
+
+
+def sentence_tags(
+    predictions: torch.Tensor, batch: Mapping[str, torch.Tensor], labels: Sequence[str]
+) -> tuple[list[list[str]], list[list[str | None]]]:
+    """(gold, predicted) tags of every word of each sentence of a scored batch (``tokenize_tagged(scored=True)``).
+
+    A word without a prediction (cut off by truncation, or tokenised to nothing) is ``None``, which
+    :func:`tag_counts` scores as ``O`` (NER) or wrong (POS): the scores are those of the whole sentences.
+    """
+    _, seen = word_tags(predictions, batch["labels"], labels)
+    gold, predicted = [], []
+    for tag_ids, words, tags in zip(batch[GOLD_TAGS].tolist(), batch[WORD_INDEX].tolist(), seen, strict=True):
+        gold.append([labels[tag] for tag in tag_ids if tag != IGNORE])
+        row: list[str | None] = [None] * len(gold[-1])
+        for word, tag in zip((word for word in words if word != IGNORE), tags, strict=True):
+            row[word] = tag
+        predicted.append(row)
+    return gold, predicted
 
 
 def tag_counts(
