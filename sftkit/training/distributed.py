@@ -58,13 +58,25 @@ class Dist:
         return tensor
 
     def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
-        """Mean of each gradient over the processes, in one flat all-reduce (sizes ∝ k in the sparse phase)."""
-        if not self.active:
+        """Mean of each gradient over the processes, in one flat all-reduce (sizes ∝ k in the sparse phase).
+
+        The processes first agree (one small all-reduce) on which parameters have a gradient anywhere:
+        those one process on all the items would have. A process without one contributes zeros; a
+        parameter with none anywhere keeps ``grad = None``, so AdamW skips it as one process would (a zero
+        gradient would still decay its moments into an update, and apply weight decay).
+        """
+        if not self.active or not params:
             return
-        for param in params:
-            if param.grad is None:  # every process must contribute the same tensors
+        flags = [int(param.grad is not None) for param in params]
+        present = torch.tensor(flags, dtype=torch.int32, device=params[0].device)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)
+        grads = []
+        for param, anywhere in zip(params, present.tolist(), strict=True):
+            if not anywhere:
+                continue
+            if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        grads = [param.grad for param in params]
+            grads.append(param.grad)
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
