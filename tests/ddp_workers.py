@@ -43,3 +43,14 @@ def step_adamw(rank: int, port: int, params: list[torch.Tensor], grads: Grads, o
         torch.save([param.detach() for param in params], os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def train_sft(rank: int, port: int, config: Any, data: dict[str, Any], out: str) -> None:
+    """``train(config, **data)`` as rank ``rank`` of a two-process run (as torchrun would set it up); rank 0 saves φ."""
+    from sftkit.training import train  # here: only this worker needs transformers
+
+    address = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ.update({"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), **address})
+    result = train(config, **data)
+    if rank == 0:
+        result.sft.save(out)

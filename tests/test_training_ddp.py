@@ -1,5 +1,5 @@
 """Two CPU processes (gloo): ``sftkit train`` under ``torchrun --nproc_per_node=2`` writes one SFT, once;
-two processes step exactly the parameters one process steps.
+two processes train what one process does on the same items; they step exactly the parameters it steps.
 
 The trainer itself checks that every process ends with the same masks and φ (it fails otherwise), so a
 clean exit already says the ranks agreed; here we check what rank 0 alone wrote.
@@ -7,16 +7,21 @@ clean exit already says the ranks agreed; here we check what rank 0 alone wrote.
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from ddp_workers import run_two, step_adamw
+from ddp_workers import run_two, step_adamw, train_sft
 
 from sftkit import toy
 from sftkit.registry import Registry
+from sftkit.sft import SparseFineTuning
+from sftkit.training import make_config, train
 
 
 @pytest.mark.slow
@@ -63,6 +68,46 @@ def test_two_cpu_processes_train_one_sft(tiny_base, toy_languages, tmp_path):
     assert record.trainer["world_size"] == 2
     assert (record.trainer["batch_size"], record.trainer["grad_accum"]) == (8, 2)
     assert not any((home / "runs").iterdir())
+
+
+def _without_dropout(base, directory):
+    """A copy of ``base`` without dropout, so that a step's gradient depends on its items alone."""
+    shutil.copytree(base, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def _tagged(n: int, seed: int) -> list[tuple[list[str], list[str]]]:
+    """Sentences of 2 to 12 toy words (so processes hold unequal numbers of labelled words), a tag per word."""
+    words = toy.make_languages()[toy.SOURCE_LANGUAGE].words
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(n):
+        chosen = rng.choices(range(60), k=rng.randint(2, 12))
+        sentences.append(([words[i] for i in chosen], ["B-LOC" if i < 20 else "O" for i in chosen]))
+    return sentences
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_process_trains_on_the_same_items(tiny_base, tmp_path):
+    """One process with batch 4 × 2 micro-batches against two processes with 4 each (the same items: rank r
+    holds micro-batch r): the gradient is the mean over all the step's labelled words in both, so φ agrees."""
+    base = _without_dropout(tiny_base, tmp_path / "base")
+    options = {"base_model": str(base), "recipe": "quick", "max_steps": 2, "eval_steps": 2, "k": "all"}
+    # Weight decay: dense AdamW in both runs (one process would step word embeddings with RowSparseAdamW).
+    options |= {"method": "lt-sft", "labels": ["O", "B-LOC", "I-LOC"], "weight_decay": 0.01}
+    data = {"train_data": _tagged(16, 0), "validation_data": _tagged(4, 1)}
+    one = train(make_config(task="ner", batch_size=4, grad_accum=2, **options), **data).sft
+    run_two(train_sft, make_config(task="ner", batch_size=8, grad_accum=1, **options), data, str(tmp_path / "two"))
+    two = SparseFineTuning.load(tmp_path / "two")
+    assert set(two.diffs) == set(one.diffs) and set(two.full) == set(one.full)
+    for name, delta in one.diffs.items():
+        assert torch.equal(two.diffs[name].indices, delta.indices), name
+        torch.testing.assert_close(two.diffs[name].values, delta.values, rtol=1e-4, atol=1e-6, msg=name)
+    for name, tensor in one.full.items():
+        torch.testing.assert_close(two.full[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_processes_step_exactly_the_parameters_one_process_steps(tmp_path):

@@ -805,15 +805,18 @@ class _Run:
     def _accumulate(
         self, phase: _DensePhase | _SparsePhase, batches: list[dict[str, torch.Tensor]], scaler: Any
     ) -> float:
-        """Forward and backward over the micro-batches of one step; returns the step's loss.
+        """Forward and backward over the micro-batches of one step; returns the step's loss (this process's).
 
         Each micro-batch's loss is weighted by its share of the step's labelled items (tokens for MLM
-        and tagging, examples for classification), so N micro-batches of b give the gradient of one
-        batch of N·b — as transformers' Trainer normalises by ``num_items_in_batch``.
+        and tagging, examples for classification) across all processes, so N micro-batches of b give the
+        gradient of one batch of N·b — as transformers' Trainer normalises by ``num_items_in_batch``, the
+        items of the whole step on every device. One all-reduce of the item count per step.
         """
         model = phase.forward_model
         counts = [int((batch["labels"] != IGNORE).sum()) for batch in batches]
-        total_items = max(1, sum(counts))
+        local_items = torch.tensor(sum(counts), dtype=torch.long, device=self.device)
+        total_items = max(1, int(self.dist.sum_(local_items)))
+        world = self.dist.world  # DDP and average_gradients divide by it: a process's items weigh world / total
         step_loss = 0.0
         for position, (batch, count) in enumerate(zip(batches, counts, strict=True)):
             phase.observe(batch)
@@ -824,12 +827,12 @@ class _Run:
                 with self._autocast():
                     # MLM: logits at the masked positions only (sftkit.training.mlm); DDP needs its own forward.
                     if self.language_mode and model is self.model:
-                        loss = masked_lm_loss(model, batch, reduction="sum") / total_items
+                        loss = masked_lm_loss(model, batch, reduction="sum") * world / total_items
                     else:  # a micro-batch without labelled items has a NaN mean: it contributes nothing
-                        loss = model(**batch).loss.nan_to_num(0.0) * (count / total_items)
+                        loss = model(**batch).loss.nan_to_num(0.0) * (count * world / total_items)
                 step_loss += float(loss.detach())
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-        return step_loss
+        return step_loss * total_items / (world * max(1, sum(counts)))  # the mean over this process's items
 
     def _autocast(self) -> Any:
         """Forward passes in the run's precision; master weights and gradients stay float32."""
