@@ -87,6 +87,12 @@ def test_bf16_autocast_trains_in_bf16_and_stores_float32(still_base, rows, tmp_p
         assert result.sft.metadata.trainer["precision"] == precision
         assert all(delta.values.dtype == torch.float32 for delta in result.sft.diffs.values())
         assert all(param.dtype == torch.float32 for param in result.model.parameters())  # master weights
+        assert all(tensor.dtype == torch.float32 for tensor in result.sft.full.values())  # the head
+        assert all(delta.dtype == torch.float32 for delta in deltas[precision].values())  # δ
+        # The mask is the top k of the float32 δ (denoised as the run's rank says), entry for entry.
+        denoised, _ = deftx.denoise_all(deltas[precision], deftx.parse_rank(config.rank), keep=config.keep)
+        expected = deftx.select(denoised, result.sft.metadata.k)
+        assert all(torch.equal(result.masks[name], mask) for name, mask in expected.items())
     a = torch.cat([d.flatten() for d in deltas["fp32"].values()])
     b = torch.cat([d.flatten() for d in deltas["bf16"].values()])
     assert not torch.equal(a, b)  # bf16 forward passes really ran …
