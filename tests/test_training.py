@@ -176,8 +176,10 @@ class _Interrupt(trainer_module.NullReporter):
 @pytest.mark.parametrize("phase", ["full", "sparse"])
 def test_resume_continues_an_interrupted_run_exactly(tiny_base, toy_languages, tmp_path, phase):
     rows = toy.labelled(toy_languages["src"], 64)
-    config = make_config(task="sa", base_model=str(tiny_base), recipe="quick", max_steps=4, eval_steps=2)
+    # Batches of 8 from 64 rows: mega-batches of 16, so the (default) length grouping really regroups.
+    config = make_config(task="sa", base_model=str(tiny_base), recipe="quick", batch_size=8, max_steps=4, eval_steps=2)
     uninterrupted = train(config, train_data=rows).sft
+    assert uninterrupted.metadata.trainer["group_by_length"] is True
     work = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(config, train_data=rows, work_dir=work, reporter=_Interrupt(phase, 3))

@@ -87,10 +87,32 @@ def test_bf16_autocast_trains_in_bf16_and_stores_float32(still_base, rows, tmp_p
         assert result.sft.metadata.trainer["precision"] == precision
         assert all(delta.values.dtype == torch.float32 for delta in result.sft.diffs.values())
         assert all(param.dtype == torch.float32 for param in result.model.parameters())  # master weights
+        assert all(tensor.dtype == torch.float32 for tensor in result.sft.full.values())  # the head
+        assert all(delta.dtype == torch.float32 for delta in deltas[precision].values())  # δ
+        # The mask is the top k of the float32 δ (denoised as the run's rank says), entry for entry.
+        denoised, _ = deftx.denoise_all(deltas[precision], deftx.parse_rank(config.rank), keep=config.keep)
+        expected = deftx.select(denoised, result.sft.metadata.k)
+        assert all(torch.equal(result.masks[name], mask) for name, mask in expected.items())
     a = torch.cat([d.flatten() for d in deltas["fp32"].values()])
     b = torch.cat([d.flatten() for d in deltas["bf16"].values()])
     assert not torch.equal(a, b)  # bf16 forward passes really ran …
     assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.9  # … and learnt the same thing
+
+
+def test_length_grouping_is_recorded_changes_phase_one_and_keys_the_full_phase_cache(still_base, rows, tmp_path):
+    """Batches of 8 from 96 rows: mega-batches of 24, so grouping changes which examples meet."""
+    cache = tmp_path / "cache"
+    for grouped in (True, False):
+        config = make_config(
+            task="sa", base_model=str(still_base), recipe="quick", batch_size=8, group_by_length=grouped, **STEPS
+        )
+        result = train(config, train_data=rows, full_phase_cache=cache)
+        assert result.sft.metadata.trainer["group_by_length"] is grouped
+    entries = [FullPhaseCache(cache).load(entry.name) for entry in cache.iterdir()]
+    assert len(entries) == 2  # the ungrouped run did not reuse the grouped run's phase 1
+    a, b = (torch.cat([d.flatten() for d in entry.deltas.values()]) for entry in entries if entry is not None)
+    assert not torch.allclose(a, b, atol=1e-5)
+    assert make_config(task="sa", recipe="quick").group_by_length is True  # on by default
 
 
 # ---------------------------------------------------------------------------------------------- variants
@@ -203,13 +225,16 @@ def test_cli_trains_a_variant_with_accumulation_and_shows_it(cli, tiny_base, toy
     corpus = toy.write_corpus(tmp_path / "ace.txt", toy.corpus(toy_languages["ace"], 120))
     args = ["train", "--lang", "ace", "--base", tiny_base, "--recipe", "quick", "--corpus", corpus]
     result = cli(
-        *args, "--max-steps", "2", "--eval-steps", "2", "--no-sparse-phase", "--grad-accum", "2", "--batch-size", "8"
+        *args,
+        *("--max-steps", "2", "--eval-steps", "2", "--no-sparse-phase", "--grad-accum", "2", "--batch-size", "8"),
+        "--no-group-by-length",
     )
     assert result.exit_code == 0, result.output
     shown = cli("show", "lang:ace", "--json")
     trainer = json.loads(shown.stdout)["config"]["trainer"]
     assert trainer["variant"] == "w/o sparse fine-tuning"
     assert (trainer["grad_accum"], trainer["batch_size"], trainer["sparse_phase"]) == (2, 8, False)
+    assert trainer["group_by_length"] is False
     table = cli("show", "lang:ace")
     assert "w/o sparse fine-tuning" in table.stdout and "8 × 2 micro-batches" in table.stdout
 

@@ -49,7 +49,7 @@ EXAMPLES_EVAL = """
 """
 
 _WHAT, _METHOD, _DATA, _SCHEDULE, _OUTPUT = "What to train", "Method", "Data", "Schedule (overrides)", "Output"
-_MODES = "Training modes (multi-source, the paper's ablations, accumulation, precision)"
+_MODES = "Training modes (multi-source, the paper's ablations, accumulation, batching, precision)"
 
 
 class _RichReporter:
@@ -302,6 +302,15 @@ def train_command(
             rich_help_panel=_MODES,
         ),
     ] = None,
+    group_by_length: Annotated[
+        bool | None,
+        typer.Option(
+            "--group-by-length/--no-group-by-length",
+            help="Batches of similar length (default; less padding, faster on CPU); --no-group-by-length: "
+            "random batches.",
+            rich_help_panel=_MODES,
+        ),
+    ] = None,
     precision: Annotated[
         str | None,
         typer.Option(
@@ -414,6 +423,7 @@ those (memory ∝ k). The result is registered and its reference printed.
             seed=seed,
             device=device,
             grad_accum=grad_accum,
+            group_by_length=group_by_length,
             precision=precision,
             **columns,
         )

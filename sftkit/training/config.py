@@ -77,6 +77,10 @@ class TrainConfig:
     grad_accum: int = 1
     eval_batch_size: int = 32
     max_length: int = 256
+    # Training batches of similar length (transformers' group_by_length: seeded mega-batches sorted by
+    # length), so dynamic padding adds few tokens; nothing is dropped. MLM's blocks share one length, so
+    # there it changes nothing but where the one shorter last block falls.
+    group_by_length: bool = True
     lr: float = 5e-5
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0

@@ -6,7 +6,8 @@ the metrics), so one prediction per word is read back at exactly those positions
 
 The batch order is a pure function of (seed, step), so a resumed run sees exactly the batches the
 interrupted one would have, and every process of a distributed run takes its own slice of the same
-global batch.
+global batch. Training batches are length-grouped by default (``group_by_length``): on CPU a padded
+token costs as much as a real one, and random batches of long-tailed sentences are mostly padding.
 """
 
 from __future__ import annotations
@@ -125,14 +126,46 @@ def holdout_split(items: Sequence[Any], fraction: float, seed: int) -> tuple[lis
     return [x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen]
 
 
-class BatchOrder:
-    """Global batch ``step`` = a slice of the epoch's seeded permutation, wrapped round to full batches."""
+# Mega-batches of at most this many batches, as transformers' ``get_length_grouped_indices``.
+MEGA_BATCHES = 50
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+
+def group_by_length(order: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``order`` with each mega-batch sorted by length, longest first (transformers' ``group_by_length``).
+
+    The seeded permutation still decides which examples meet; sorting inside each mega-batch of
+    ``min(size // 4 batches, 50)`` batches makes consecutive batches hold examples of similar length,
+    so dynamic padding computes little beyond the real tokens. The sort is stable, so equal lengths
+    (MLM's fixed-length blocks) leave ``order`` as it was.
+    """
+    mega = batch_size * max(1, min(len(order) // (4 * batch_size), MEGA_BATCHES))
+    chunks = [order[start : start + mega] for start in range(0, len(order), mega)]
+    return torch.cat([chunk[torch.sort(lengths[chunk], descending=True, stable=True).indices] for chunk in chunks])
+
+
+class BatchOrder:
+    """Global batch ``step`` = a slice of the epoch's seeded permutation, wrapped round to full batches.
+
+    With ``lengths`` (one per example) the permutation is length-grouped (``group_by_length``); every
+    example still comes exactly once per epoch before the wrap-round fills the last batch.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        lengths: Sequence[int] | None = None,
+    ) -> None:
         if batch_size % world:
             raise BadInputError(f"batch size {batch_size} is not a multiple of the {world} processes")
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"{len(lengths)} lengths for {size} examples")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world = rank, world
+        self.lengths = torch.tensor(lengths, dtype=torch.long) if lengths is not None else None
         self.steps_per_epoch = -(-size // batch_size)
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
@@ -142,6 +175,8 @@ class BatchOrder:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.size, generator=generator)
+            if self.lengths is not None:
+                order = group_by_length(order, self.lengths, self.batch_size)
             repeats = -(-self.steps_per_epoch * self.batch_size // self.size)
             self._epoch, self._order = epoch, order.repeat(repeats)
         batch = self._order[position * self.batch_size : (position + 1) * self.batch_size]

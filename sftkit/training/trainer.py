@@ -490,7 +490,14 @@ class _Run:
                 language,
                 sfts.get(language) if language else None,
                 part.train_items,
-                BatchOrder(len(part.train_items), batch, config.seed, dist.rank, dist.world),
+                BatchOrder(
+                    len(part.train_items),
+                    batch,
+                    config.seed,
+                    dist.rank,
+                    dist.world,
+                    lengths=[_length(item) for item in part.train_items] if config.group_by_length else None,
+                ),
             )
             for language, part in zip(languages or [None], loaded, strict=True)
         ]
