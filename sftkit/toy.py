@@ -1,24 +1,45 @@
-"""An embedded, offline default: a toy multilingual world and a tiny encoder built from a config.
+"""An embedded, offline default: a toy language family and a tiny encoder pretrained on part of it.
 
 Used by ``sftkit demo`` and by the tests; never a substitute for real data in benchmarks.
 
-The toy world: a fixed set of concepts, some positive, some negative, the rest neutral. Every
-language spells each concept with its own made-up word; a ``cognate_rate`` share of the spellings is
-borrowed from the source language (``src``), so related languages share some surface forms, as
-Acehnese and Indonesian do. A sentence is a walk through the concepts: each concept is usually
-followed by one of a few fixed successors, the same in every language, so there is structure for a
-masked LM to learn and to align across languages. Its sentiment label is the sign of
-(positive − negative) concepts in it, ``neutral`` when they balance.
+How each piece maps onto the real setting (XLM-R, Indonesian → Acehnese / Balinese):
+
+- **Concepts and grammar.** A fixed set of concepts, some positive, some negative, the rest neutral. A
+  sentence is a walk through the concepts: each is usually followed by one of a few fixed successors,
+  the same in every language (the languages of a family share most of their syntax and semantics), so
+  a masked LM has structure to learn, and structure to align languages by.
+- **The family** (:func:`make_family`). The source ``src`` (Indonesian, the task's labelled language),
+  three relatives ``rel1``–``rel3`` (Malay, Javanese, Sundanese…), each keeping half of the source's
+  words, and the targets ``ace`` and ``ban``. A target word is the source's (``ace`` 45 %, ``ban`` 30 %),
+  else a relative's (30 %, 35 %), else the target's own (25 %, 35 %): most of a target's vocabulary is
+  known to θ0 through its relatives, the rest θ0 has never seen, as XLM-R with Acehnese.
+- **θ0** (:func:`pretrain_base`): a tiny XLM-R-shaped encoder, masked-LM pretrained on the source and its
+  relatives, never on the targets, whose vocabulary covers the whole family. One world and one θ0 (world
+  seed 0), as there is one XLM-R; it ships with sftkit (``sftkit/toy_base``, ≈ 0.5 MB), because its
+  pretraining (minutes on one thread) would not fit a one-minute demo. ``python -m sftkit.toy`` rebuilds
+  it bit for bit on one thread; ``build.json`` records what it was built from and its held-out MLM loss
+  per language (low on the pretraining languages, high on the targets).
+- **The task**: sentiment, the sign of (positive − negative) concepts in a sentence, ``neutral`` when
+  they balance (SMSA / NusaX sentiment). Labelled data exist in the source only; the targets are
+  evaluated zero-shot. A demo's ``--seed`` draws its data and trains with that seed, on the same θ0.
+- **Language SFTs** are trained on raw target text (MLM), the task SFT on labelled source text on top of
+  the source's language SFT, exactly as on real data.
+
+:func:`make_languages` is the older, single-level world (targets borrow from the source only) that the
+tests use with a random θ0 (:func:`build_tiny_base`) when only the machinery is under test.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LABELS = ("negative", "neutral", "positive")
 SOURCE_LANGUAGE = "src"
@@ -27,6 +48,24 @@ _SYLLABLES = [c + v for c in "bcdfghjklmnprstwz" for v in "aeiou"]
 _N_CONCEPTS = 120
 _N_POLAR = 20  # concepts 0..19 are positive, 20..39 negative, the rest neutral
 _FOLLOW = 0.8  # probability that the next concept is one of the current one's successors
+# The family of ``make_family``: θ0 is pretrained on the source and its relatives; a target's words come
+# from the source (first share), from a relative (second share), or are its own (the rest).
+WORLD_SEED = 0  # one world, as there is one XLM-R: a demo's --seed varies its data and training, not θ0
+RELATIVES = ("rel1", "rel2", "rel3")
+RELATIVE_COGNATE_RATE = 0.5
+TARGETS = {"ace": (0.45, 0.30), "ban": (0.30, 0.35)}
+# θ0's pretraining (``pretrain_base``): ~50 passes over 4 × 5 000 sentences; held-out MLM loss ≈ 2.5–3
+# on the pretraining languages (ln 422 ≈ 6.0 is a uniform guess over the vocabulary).
+PRETRAINING = {
+    "steps": 6000,
+    "batch_size": 16,
+    "block": 64,
+    "lr": 1e-3,
+    "sentences_per_language": 5000,
+    "sentences_per_target": 100,  # rare, as Acehnese text in XLM-R's pretraining data: 1 % of the mix
+}
+TOY_BASE = Path(__file__).resolve().parent / "toy_base"
+BUILD_RECORD = "build.json"
 _SUCCESSORS = tuple(tuple(random.Random(f"successors-{c}").sample(range(_N_CONCEPTS), 3)) for c in range(_N_CONCEPTS))
 
 
@@ -55,8 +94,7 @@ def _word(rng: random.Random) -> str:
 def make_languages(languages: dict[str, float] | None = None, seed: int = 0) -> dict[str, ToyLanguage]:
     """Languages by code → cognate rate with the source language (the source itself has 0)."""
     languages = dict(languages or DEFAULT_LANGUAGES)
-    source_rng = random.Random(f"{seed}-{SOURCE_LANGUAGE}")
-    source_words = tuple(_word(source_rng) for _ in range(_N_CONCEPTS))
+    source_words = _source_words(seed)
     made = {SOURCE_LANGUAGE: ToyLanguage(SOURCE_LANGUAGE, source_words)}
     for code, cognate_rate in languages.items():
         if code == SOURCE_LANGUAGE:
@@ -65,6 +103,52 @@ def make_languages(languages: dict[str, float] | None = None, seed: int = 0) -> 
         words = tuple(w if rng.random() < cognate_rate else _word(rng) for w in source_words)
         made[code] = ToyLanguage(code, words)
     return made
+
+
+def _source_words(seed: int) -> tuple[str, ...]:
+    rng = random.Random(f"{seed}-{SOURCE_LANGUAGE}")
+    return tuple(_word(rng) for _ in range(_N_CONCEPTS))
+
+
+@dataclass(frozen=True)
+class Family:
+    """A language family as θ0 sees it: the languages it was pretrained on, and the targets it never saw."""
+
+    pretraining: dict[str, ToyLanguage]  # the source first, then its relatives
+    targets: dict[str, ToyLanguage]
+
+    @property
+    def languages(self) -> dict[str, ToyLanguage]:
+        return {**self.pretraining, **self.targets}
+
+
+def make_family(seed: int = WORLD_SEED) -> Family:
+    """The source, three relatives (each keeps ``RELATIVE_COGNATE_RATE`` of the source's words) and the targets.
+
+    A target word is the source's (``TARGETS[code][0]``), else a relative's (``[1]``, that relative's own
+    word or its cognate), else the target's own (the rest): words θ0 has never seen in any language.
+    """
+    source_words = _source_words(seed)
+    pretraining = {SOURCE_LANGUAGE: ToyLanguage(SOURCE_LANGUAGE, source_words)}
+    for code in RELATIVES:
+        rng = random.Random(f"{seed}-{code}")
+        words = tuple(w if rng.random() < RELATIVE_COGNATE_RATE else _word(rng) for w in source_words)
+        pretraining[code] = ToyLanguage(code, words)
+    relatives = [pretraining[code] for code in RELATIVES]
+    targets = {}
+    for code, (from_source, from_relatives) in TARGETS.items():
+        rng = random.Random(f"{seed}-{code}")
+        words = []
+        for concept, source_word in enumerate(source_words):
+            draw = rng.random()
+            if draw < from_source:
+                words.append(source_word)
+            elif draw < from_source + from_relatives:
+                words.append(rng.choice(relatives).words[concept])
+            else:
+                words.append(_word(rng))
+        targets[code] = ToyLanguage(code, tuple(words))
+    return Family(pretraining, targets)
 
 
 def labelled(language: ToyLanguage, n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -147,6 +231,107 @@ def build_tiny_base(
     return out
 
 
+def world_corpora() -> dict[str, list[str]]:
+    """The text θ0's pretraining sees (world seed): plenty of the source and its relatives, a little of each
+    target."""
+    family = make_family()
+    sizes = {code: PRETRAINING["sentences_per_language"] for code in family.pretraining}
+    sizes |= {code: PRETRAINING["sentences_per_target"] for code in family.targets}
+    return {code: corpus(language, sizes[code], WORLD_SEED) for code, language in family.languages.items()}
+
+
+def pretrain_base(out_dir: str | Path, steps: int = PRETRAINING["steps"]) -> Path:
+    """Build θ0 as a multilingual encoder is made: :func:`build_tiny_base`, then masked-LM pretraining (tied
+    decoder, as XLM-R's) on plenty of the source and its relatives and a little of each target (1 % of the
+    mix, as Acehnese in XLM-R's data), so a target's own words are known to θ0, but poorly. Deterministic on
+    one thread; writes ``build.json``. Dropout is off while pretraining (the tiny model leaves its unigram
+    plateau in a third of the steps) and 0.1 in the saved config, XLM-R's fine-tuning value.
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        XLMRobertaForMaskedLM,
+        get_linear_schedule_with_warmup,
+    )
+
+    from sftkit.training.features import tokenize_corpus
+
+    family, corpora = make_family(), world_corpora()
+    # The vocabulary covers every word of the family, as XLM-R's covers Acehnese through its relatives.
+    vocabulary = [text for language in family.languages.values() for text in corpus(language, 1000, WORLD_SEED)]
+    out = build_tiny_base(out_dir, vocabulary, seed=WORLD_SEED)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = XLMRobertaForMaskedLM.from_pretrained(out, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    # Blocks of contiguous text, one language at a time, as XLM-R's pretraining and as the trainer feeds
+    # language SFTs (tokenize_corpus): every position of a block is trained, not only a sentence's first few.
+    blocks = [
+        block["input_ids"]
+        for texts in corpora.values()
+        for block in tokenize_corpus(tokenizer, texts, PRETRAINING["block"])
+    ]
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=WORLD_SEED)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAINING["lr"], weight_decay=0.01)
+    schedule = get_linear_schedule_with_warmup(optimizer, steps // 20, steps)
+    order = random.Random(f"{WORLD_SEED}-pretraining")
+    torch.manual_seed(WORLD_SEED)
+    model.train()
+    for _ in range(steps):
+        batch = collate([{"input_ids": ids} for ids in order.sample(blocks, PRETRAINING["batch_size"])])
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.1
+    model.save_pretrained(out)
+    build = {
+        "world": world_digest(),
+        "steps": steps,
+        "held_out_mlm_loss": _held_out_mlm_loss(model.eval(), tokenizer),
+        "model_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
+    }
+    (out / BUILD_RECORD).write_text(json.dumps(build, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def world_digest() -> str:
+    """Everything that decides the shipped θ0: the family's words, the pretraining settings, the code's
+    sizes. A change to any of them makes ``tests/test_toy.py`` ask for a rebuild (``python -m sftkit.toy``)."""
+    family = make_family()
+    world = {
+        "languages": {code: language.words for code, language in family.languages.items()},
+        "pretraining": PRETRAINING,
+        "successors": _SUCCESSORS,
+        "follow": _FOLLOW,
+    }
+    return hashlib.sha256(json.dumps(world, sort_keys=True).encode()).hexdigest()
+
+
+def _held_out_mlm_loss(model: Any, tokenizer: Any) -> dict[str, float]:
+    """Masked-LM loss per language on sentences pretraining never saw: low on the pretraining languages,
+    high on the targets, as XLM-R's on Acehnese."""
+    import torch
+    from transformers import DataCollatorForLanguageModeling
+
+    from sftkit.training.features import tokenize_corpus
+
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=WORLD_SEED + 1)
+    losses = {}
+    for code, language in make_family().languages.items():
+        blocks = tokenize_corpus(tokenizer, corpus(language, 200, WORLD_SEED + 100), PRETRAINING["block"])
+        with torch.no_grad():
+            losses[code] = round(model(**collate([{"input_ids": b["input_ids"]} for b in blocks])).loss.item(), 3)
+    return losses
+
+
+def pretrained_base() -> Path:
+    """The shipped θ0 (``sftkit/toy_base``), built by ``python -m sftkit.toy``."""
+    if not (TOY_BASE / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the toy θ0 is missing from {TOY_BASE}: rebuild it with python -m sftkit.toy")
+    return TOY_BASE
+
+
 def _wordpiece_vocab(texts: list[str], size: int, specials: list[str]) -> dict[str, int]:
     """Special tokens, every character (word-initial and ``##`` continuation), then the most frequent words.
 
@@ -160,3 +345,10 @@ def _wordpiece_vocab(texts: list[str], size: int, specials: list[str]) -> dict[s
     by_frequency = sorted((word for word in words if word not in known), key=lambda word: (-words[word], word))
     tokens += by_frequency[: max(0, size - len(tokens))]
     return {token: index for index, token in enumerate(tokens)}
+
+
+if __name__ == "__main__":  # python -m sftkit.toy: rebuild the shipped θ0 (minutes on one CPU thread)
+    import torch
+
+    torch.set_num_threads(1)  # one thread: the build is bit-reproducible and tiny matrices gain nothing from more
+    print(json.dumps(json.loads((pretrain_base(TOY_BASE) / BUILD_RECORD).read_text()), indent=1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import time
@@ -24,7 +25,7 @@ SFTKIT = shutil.which("sftkit")
 # 2.5× a quiet run's CPU time here (≈ 59 s): a 2× slower machine passes, the 314 s demo of old would not.
 CPU_SECONDS_BOUND = 150.0
 STAGES = (
-    "toy world and base model",
+    "toy world and θ0",
     "training and registering",
     "overlap",
     "composition and evaluation",
@@ -114,11 +115,10 @@ def test_demo_trains_and_registers_both_methods(demo):
     # The registry the demo wrote is a normal registry: the CLI lists the same SFTs from --home.
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("SFTKIT_REGISTRY_URL", None)
-    listed = subprocess.run(
-        [SFTKIT, "--home", str(home / "registry"), "list", "--json"], env=env, capture_output=True, text=True
-    )
+    listed = subprocess.run([SFTKIT, "--home", str(home), "list", "--json"], env=env, capture_output=True, text=True)
     assert listed.returncode == 0, listed.stderr
     assert {record["reference"] for record in json.loads(listed.stdout)} == set(records)
+    assert not (home / "registry").exists()  # --home means one thing: the registry's home
 
 
 def test_demo_overlap_composition_and_evaluation(demo):
@@ -149,3 +149,34 @@ def test_demo_exported_model_loads_and_reproduces_the_pipeline_call(demo):
     again = pipeline("text-classification", model=str(exported))(results["exported"]["text"])[0]
     assert reported["label"] in toy.LABELS
     assert again["label"] == reported["label"] and again["score"] == pytest.approx(reported["score"], abs=1e-5)
+
+
+def test_demo_next_steps_run_on_what_it_left(demo, tmp_path):
+    """Every command the demo suggests works as printed on its --home (the training one with fewer steps)."""
+    results, home, _, _ = demo
+    assert results["home"] == str(home.resolve())
+    commands = results["next_steps"]
+    assert commands and all(str(home.resolve()) in command for command in commands)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("SFTKIT_REGISTRY_URL", None)
+    outputs = {}
+    for command in commands:
+        argv = shlex.split(command)
+        if "train" in argv:
+            argv += ["--max-steps", "4", "--eval-steps", "2"]
+        done = subprocess.run([SFTKIT, *argv[1:]], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}\n{done.stderr}"
+        outputs[argv[argv.index("--home") + 2] if "--home" in argv else argv[1]] = done.stdout
+    assert "lang:ace@1" in outputs["list"]
+    assert (home / "models" / "sa-ban" / "sftkit_compose.json").is_file()
+    assert "macro" in outputs["eval"].lower()
+
+
+def test_demo_refuses_a_home_it_did_not_make(tmp_path):
+    """--home is a registry home: the demo never writes its toy SFTs into a directory holding other things."""
+    (tmp_path / "registry.db").write_text("a real registry")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([SFTKIT, "demo", "--home", str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "not made by sftkit demo" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "registry.db").read_text() == "a real registry"

@@ -1,20 +1,22 @@
 """``sftkit demo``: the whole method, offline, on the embedded toy world (``sftkit.toy``).
 
-Builds a tiny XLM-R-shaped encoder and its tokenizer, generates toy multilingual data, trains
-language SFTs (source ``src`` and targets ``ace``, ``ban``) and a sentiment task SFT with DEFT-X and
-with LT-SFT into a registry, shows their overlap, composes θ0 + φ_T + φ_L for every target language
-and method, evaluates, and prints a results table. Every number is measured in the run.
+Starts from the toy θ0 that ships with sftkit (a tiny XLM-R-shaped encoder pretrained on a source
+language and its relatives, never on the targets: ``sftkit.toy`` says how the toy maps onto XLM-R and
+Acehnese), generates the seed's data, trains language SFTs (source ``src`` and targets ``ace``, ``ban``)
+and a sentiment task SFT with DEFT-X and with LT-SFT into a registry in ``--home``, shows their overlap,
+composes θ0 + φ_T + φ_L for every target language and method, evaluates zero-shot, exports one composed
+model, runs a transformers pipeline on it, and prints what to try next. Every number is measured in the run.
 
 Kept to about a minute on 2 CPU cores (one thread) by sharing work the method itself allows, not by
 skipping stages: LT-SFT and DEFT-X run the identical phase 1 (full fine-tuning) on the same data and
 seed, so each language's phase 1 is trained once and reused through the trainer's full-phase cache
 (keyed by the phase-1 settings, data, base and source SFT: the two task SFTs start from different
-source SFTs, so each trains its own). Language SFTs run fewer MLM steps at a higher learning rate
-than the ``quick`` recipe (``LANGUAGE_SCHEDULE``); every SFT records its settings in its metadata.
+source SFTs, so each trains its own). ``benchmarks/demo_seeds.py`` runs it for seeds 0–4.
 """
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import tempfile
 import time
@@ -23,14 +25,36 @@ from typing import Annotated, Any
 
 import typer
 
-from sftkit.cli.context import console, err_console, print_json, progress, state
+from sftkit.cli.context import console, print_json, progress
 
-TARGETS = ("ace", "ban")
 METHODS = {"deftx": "90var", "lt-sft": "none"}  # method → rank spec
+DEMO_MARKER = ".sftkit-demo"
 SIZES = {"corpus": 1500, "train": 1200, "validation": 300, "test": 400}
-# Language SFTs (MLM) on top of the ``quick`` recipe: each phase is the demo's costliest part (64-token
-# blocks); a higher learning rate in fewer steps ends at a lower validation MLM loss than the recipe's.
-LANGUAGE_SCHEDULE = {"lr": 1e-2, "max_steps": 100, "eval_steps": 25}
+# Every setting that decides a number is spelled out here rather than taken from the ``quick`` recipe, so
+# the demo does not drift when the recipe does. Learning rates are those of a pretrained θ0, far below the
+# 1e-2 a random toy θ0 needed: a language SFT adapts θ0, it must not overwrite what pretraining built.
+SCHEDULES = {
+    "language": {"lr": 1e-3, "max_steps": 100, "eval_steps": 25, "batch_size": 32, "max_length": 64, "k": 0.05},
+    "task": {"lr": 1e-3, "max_steps": 200, "eval_steps": 50, "batch_size": 32, "max_length": 64, "k": 0.05},
+}
+
+
+def _knobs() -> None:
+    """Exploration only: SFTKIT_DEMO_KNOBS='{"SCHEDULES": {...}}' overrides the above."""
+    import json
+    import os
+
+    knobs = json.loads(os.environ.get("SFTKIT_DEMO_KNOBS", "{}"))
+    for name, values in knobs.items():
+        target = globals()[name]
+        for key, value in values.items():
+            if isinstance(value, dict):
+                target[key].update(value)
+            else:
+                target[key] = value
+
+
+_knobs()
 
 
 def _step_reporter(bar: Any, task: Any) -> Any:
@@ -77,17 +101,39 @@ target languages, exports a composed model and runs a transformers pipeline on i
 
     torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation overhead
     started = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="sftkit-demo-")) if home is None else home
+    workdir = Path(tempfile.mkdtemp(prefix="sftkit-demo-")) if home is None else _demo_home(home)
     try:
         results = _run(ctx, workdir, seed)
     finally:
         if home is None:
             shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = round(time.perf_counter() - started, 1)
+    results["home"] = str(workdir) if home is not None else None
+    results["next_steps"] = next_steps(str(workdir)) if home is not None else []
     if json_output:
         print_json(results)
     else:
-        _render(results, kept=home)
+        _render(results)
+
+
+def _demo_home(home: Path) -> Path:
+    """``--home`` as everywhere else: the registry's home (registry.db, store/), here with the demo's base
+    model, data and composed model beside it. A directory holding anything but an earlier demo is refused,
+    so the demo never mixes toy SFTs into a real registry; an earlier demo's is replaced."""
+    from sftkit.errors import BadInputError
+
+    home = home.expanduser().resolve()
+    if home.exists() and not home.is_dir():
+        raise BadInputError(f"--home {home} is a file, not a directory")
+    if home.is_dir() and any(home.iterdir()):
+        if not (home / DEMO_MARKER).is_file():
+            raise BadInputError(
+                f"--home {home} is not empty and was not made by sftkit demo: give a new or empty directory"
+            )
+        shutil.rmtree(home)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / DEMO_MARKER).write_text("made by sftkit demo; the next demo run with this --home replaces it\n")
+    return home
 
 
 def _run(ctx: typer.Context, workdir: Path, seed: int) -> dict[str, Any]:
@@ -95,6 +141,7 @@ def _run(ctx: typer.Context, workdir: Path, seed: int) -> dict[str, Any]:
     from sftkit.compose import compose, compose_to_directory
     from sftkit.overlap import overlap_by_method
     from sftkit.registry import Registry
+    from sftkit.registry.location import DB_NAME, sqlite_url
     from sftkit.training import evaluate, make_config, train_sft
 
     stage = time.perf_counter()
@@ -106,17 +153,26 @@ def _run(ctx: typer.Context, workdir: Path, seed: int) -> dict[str, Any]:
         timings[name] = round(now - stage, 1)
         stage = now
 
-    languages = toy.make_languages({"src": 0.0, "ace": 0.55, "ban": 0.35}, seed=seed)
+    family = toy.make_family()  # one world, as there is one XLM-R; the seed draws the data and the training
+    source, targets = family.pretraining[toy.SOURCE_LANGUAGE], tuple(family.targets)
+    languages = {toy.SOURCE_LANGUAGE: source, **family.targets}
     corpora = {code: toy.corpus(language, SIZES["corpus"], seed) for code, language in languages.items()}
-    labelled = toy.labelled(languages["src"], SIZES["train"] + SIZES["validation"], seed)
-    tests = {code: toy.labelled(languages[code], SIZES["test"], seed + 1) for code in ("src", *TARGETS)}
-    base = toy.build_tiny_base(workdir / "base", [t for texts in corpora.values() for t in texts], seed=seed)
-    registry = Registry.open(home=workdir / "registry")
-    st = state(ctx)
+    labelled = toy.labelled(source, SIZES["train"] + SIZES["validation"], seed)
+    tests = {code: toy.labelled(language, SIZES["test"], seed + 1) for code, language in languages.items()}
+    data = workdir / "data"
+    data.mkdir(exist_ok=True)
+    for code in targets:
+        toy.write_corpus(data / f"{code}.txt", corpora[code])
+        toy.write_labelled_csv(data / f"{code}-test.csv", tests[code])
+    toy.write_labelled_csv(data / "src-train.csv", labelled[: SIZES["train"]])
+    # θ0 ships with sftkit (built by python -m sftkit.toy): copied so that the home holds everything its
+    # SFTs name, and every later command on it (compose, eval) finds the base they were trained on.
+    base = Path(shutil.copytree(toy.pretrained_base(), workdir / "base"))
+    lap("toy world and θ0")
+    registry = Registry.open(home=workdir, url=sqlite_url(workdir / DB_NAME), store=workdir / "store")
     sfts: dict[tuple[str, str], Any] = {}
     references: dict[tuple[str, str], str] = {}
     phase1: dict[str, str] = {}  # reference → "trained" | "reused": what the trainer reported doing
-    lap("toy world and base model")
     # Per run and removed after it (also with --home): a later run trains its own phase 1.
     with (
         progress(ctx, transient=True) as bar,
@@ -131,7 +187,7 @@ def _run(ctx: typer.Context, workdir: Path, seed: int) -> dict[str, Any]:
             return sft, "trained" if "full" in reporter.phases else "reused"
 
         for method, rank in METHODS.items():
-            for code in ("src", *TARGETS):
+            for code in ("src", *targets):
                 config = make_config(
                     language=code,
                     recipe="quick",
@@ -139,14 +195,22 @@ def _run(ctx: typer.Context, workdir: Path, seed: int) -> dict[str, Any]:
                     method=method,
                     rank=rank,
                     seed=seed,
-                    **LANGUAGE_SCHEDULE,
+                    **SCHEDULES["language"],
                 )
                 sft, how = trained(f"language SFT {code} ({method})", config, train_data=corpora[code])
                 record = registry.add(sft)
                 sfts[code, method], references[code, method] = sft, record.reference
                 phase1[record.reference] = how
             source = registry.resolve(references["src", method])
-            config = make_config(task="sa", recipe="quick", base_model=str(base), method=method, rank=rank, seed=seed)
+            config = make_config(
+                task="sa",
+                recipe="quick",
+                base_model=str(base),
+                method=method,
+                rank=rank,
+                seed=seed,
+                **SCHEDULES["task"],
+            )
             sft, how = trained(
                 f"task SFT sa on src ({method})",
                 config,
@@ -160,14 +224,14 @@ def _run(ctx: typer.Context, workdir: Path, seed: int) -> dict[str, Any]:
             phase1[record.reference] = how
         lap("training and registering")
 
-        triples = [(sfts[code, method], sfts["sa", method], method) for method in METHODS for code in TARGETS]
+        triples = [(sfts[code, method], sfts["sa", method], method) for method in METHODS for code in targets]
         overlap = overlap_by_method(triples).table("overlap")
         lap("overlap")
 
         scores: list[dict[str, Any]] = []
-        evaluation = bar.add_task("composing and evaluating", total=len(METHODS) * len(TARGETS) * 2)
+        evaluation = bar.add_task("composing and evaluating", total=len(METHODS) * len(targets) * 2)
         for method in METHODS:
-            for code in TARGETS:
+            for code in targets:
                 for with_language in (False, True):
                     parts = [sfts["sa", method]] + ([sfts[code, method]] if with_language else [])
                     model = compose(str(base), parts)
@@ -188,22 +252,20 @@ def _run(ctx: typer.Context, workdir: Path, seed: int) -> dict[str, Any]:
         lap("composition and evaluation")
         exported = compose_to_directory(
             str(base),
-            [sfts["sa", "deftx"], sfts[TARGETS[0], "deftx"]],
-            workdir / "models" / f"sa-{TARGETS[0]}",
-            references=[references["sa", "deftx"], references[TARGETS[0], "deftx"]],
+            [sfts["sa", "deftx"], sfts[targets[0], "deftx"]],
+            workdir / "models" / f"sa-{targets[0]}",
+            references=[references["sa", "deftx"], references[targets[0], "deftx"]],
         )
     from transformers import pipeline
 
-    example = toy.labelled(languages[TARGETS[0]], 1, seed + 2)[0]
+    example = toy.labelled(family.targets[targets[0]], 1, seed + 2)[0]
     prediction = pipeline("text-classification", model=str(exported))(example[0])[0]
     lap("export and pipeline")
-    if not st.quiet:
-        err_console.print(f"registry: {len(registry.find())} SFTs in {workdir / 'registry'}", highlight=False)
     return {
         "registry": [
             registry.resolve(ref).to_dict() | {"path": None, "phase_1": phase1[ref]} for ref in references.values()
         ],
-        "overlap": {method: dict(zip(TARGETS, values, strict=True)) for method, values in overlap.items()},
+        "overlap": {method: dict(zip(targets, values, strict=True)) for method, values in overlap.items()},
         "scores": scores,
         "source_language": {
             "language": "src",
@@ -211,11 +273,12 @@ def _run(ctx: typer.Context, workdir: Path, seed: int) -> dict[str, Any]:
             "accuracy": source_score["accuracy"],
         },
         "exported": {"path": str(exported), "text": example[0], "gold": example[1], "prediction": prediction},
+        "data": str(data),
         "timings": timings,
     }
 
 
-def _render(results: dict[str, Any], kept: Path | None) -> None:
+def _render(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     sfts = Table(title="SFTs trained and registered")
@@ -241,10 +304,11 @@ def _render(results: dict[str, Any], kept: Path | None) -> None:
 
     overlap = Table(title="Language-vs-task overlap (shared / min size; paper Fig. 2)", min_width=60)
     overlap.add_column("method")
-    for code in TARGETS:
+    targets = tuple(next(iter(results["overlap"].values())))
+    for code in targets:
         overlap.add_column(code, justify="right")
     for method, values in results["overlap"].items():
-        overlap.add_row(method, *(f"{values[code]:.1%}" for code in TARGETS))
+        overlap.add_row(method, *(f"{values[code]:.1%}" for code in targets))
     console.print(overlap)
 
     table = Table(title="Zero-shot sentiment on toy target languages (task SFT trained on src)")
@@ -267,7 +331,7 @@ def _render(results: dict[str, Any], kept: Path | None) -> None:
         highlight=False,
     )
     exported = results["exported"]
-    where = exported["path"] if kept else "a temporary directory (use --home to keep it)"
+    where = exported["path"] if results["home"] else "a temporary directory (use --home to keep it)"
     console.print(
         f"composed model written to {where}; pipeline('text-classification') on “{exported['text']}” → "
         f"{exported['prediction']['label']} (gold {exported['gold']})",
@@ -275,6 +339,29 @@ def _render(results: dict[str, Any], kept: Path | None) -> None:
     )
     stages = ", ".join(f"{name} {seconds} s" for name, seconds in results["timings"].items())
     console.print(f"demo finished in {results['seconds']} s ({stages}) — every number above was measured in this run.")
+    if results["home"] is None:
+        console.print(
+            "Everything was in a temporary directory, now removed. To keep the registry, base model, data and "
+            "composed model and try further commands on them: sftkit demo --home DIR",
+            highlight=False,
+        )
+    else:
+        console.print(f"Next, on what the demo left in {results['home']} (DEFT-X SFTs are @1, LT-SFT @2):")
+        for command in results["next_steps"]:
+            console.print(f"  {command}", highlight=False, soft_wrap=True)
+
+
+def next_steps(home: str) -> list[str]:
+    """Commands to try next on what the demo left in ``home``, with its exact paths."""
+    h = shlex.quote(home)
+    return [
+        f"sftkit --home {h} list",
+        f"sftkit --home {h} show lang:ace@1",
+        f"sftkit --home {h} overlap lang:ace@1 lang:ban@1 task:sa@1",
+        f"sftkit --home {h} compose --task task:sa@1 --lang lang:ban@1 -o {h}/models/sa-ban",
+        f"sftkit eval {h}/models/sa-ban --data {h}/data/ban-test.csv",
+        f"sftkit --home {h} train --lang ace --corpus {h}/data/ace.txt --base {h}/base --recipe quick",
+    ]
 
 
 def _validation(metrics: dict[str, Any]) -> str:

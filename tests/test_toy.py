@@ -1,0 +1,47 @@
+"""The toy world's θ0: pretrained like a multilingual encoder, shipped, and reproducible from the code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from sftkit import toy
+
+
+def test_family_targets_share_words_with_pretraining_languages_and_have_their_own():
+    family = toy.make_family()
+    assert list(family.pretraining) == [toy.SOURCE_LANGUAGE, *toy.RELATIVES]
+    seen = {word for language in family.pretraining.values() for word in language.words}
+    source = set(family.pretraining[toy.SOURCE_LANGUAGE].words)
+    for code, (from_source, from_relatives) in toy.TARGETS.items():
+        words = family.targets[code].words
+        shared_with_source = sum(word in source for word in words) / len(words)
+        unseen = sum(word not in seen for word in words) / len(words)
+        # Shares as drawn (120 concepts: within ±0.12 of the expected share), and a part θ0 never saw.
+        assert abs(shared_with_source - from_source) < 0.12
+        assert abs(unseen - (1 - from_source - from_relatives)) < 0.12
+    assert toy.make_family().languages == family.languages  # one world
+
+
+def test_pretraining_is_deterministic(tmp_path):
+    """Two builds of the same settings give the same bytes: the shipped θ0 is reproducible by its script."""
+    first = toy.pretrain_base(tmp_path / "a", steps=8)
+    second = toy.pretrain_base(tmp_path / "b", steps=8)
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    record = json.loads((first / toy.BUILD_RECORD).read_text())
+    assert record == json.loads((second / toy.BUILD_RECORD).read_text())
+    assert record["steps"] == 8 and record["world"] == toy.world_digest()
+
+
+def test_shipped_base_is_the_current_world_pretrained():
+    """The shipped θ0 was built from today's toy world and settings (else: python -m sftkit.toy), its weights
+    are the ones it recorded, and it learnt the pretraining languages far better than the unseen targets."""
+    base = toy.pretrained_base()
+    record = json.loads((base / toy.BUILD_RECORD).read_text())
+    assert record["world"] == toy.world_digest(), "the toy world changed: rebuild θ0 with python -m sftkit.toy"
+    assert record["steps"] == toy.PRETRAINING["steps"]
+    assert record["model_sha256"] == hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    loss = record["held_out_mlm_loss"]
+    pretrained = [loss[code] for code in (toy.SOURCE_LANGUAGE, *toy.RELATIVES)]
+    assert max(pretrained) < 3.5  # ln(vocabulary) ≈ 6 is a uniform guess
+    assert min(loss[code] for code in toy.TARGETS) > max(pretrained) + 1.0
