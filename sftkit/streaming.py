@@ -30,7 +30,7 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from sftkit.artifact import CARD_NAME
 from sftkit.atomic import atomic_directory
-from sftkit.base_model import head_class
+from sftkit.base_model import head_class, local_files_only
 from sftkit.card import composed_model_card
 from sftkit.composition_plan import COMPOSE_RECORD, Plan, compose_record
 from sftkit.errors import BadInputError, BaseMismatchError
@@ -66,8 +66,11 @@ def base_snapshot(base: str, revision: str | None) -> Path:
     if path.is_dir():
         return path
 
+    local = local_files_only(base, revision)
     try:
-        return Path(snapshot_download(base, revision=revision, allow_patterns=_SNAPSHOT_PATTERNS))
+        return Path(
+            snapshot_download(base, revision=revision, allow_patterns=_SNAPSHOT_PATTERNS, local_files_only=local)
+        )
     except Exception as exc:  # huggingface_hub raises many types (offline, not found, auth, validation)
         raise BadInputError(f"cannot load base model {base!r}: {str(exc).splitlines()[0]}") from exc
 
