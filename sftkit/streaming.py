@@ -30,10 +30,10 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from sftkit.artifact import CARD_NAME
 from sftkit.atomic import atomic_directory
-from sftkit.base_model import head_class
+from sftkit.base_model import head_class, local_files_only
 from sftkit.card import composed_model_card
 from sftkit.composition_plan import COMPOSE_RECORD, Plan, compose_record
-from sftkit.errors import BadInputError, BaseMismatchError
+from sftkit.errors import BadInputError
 from sftkit.fingerprint import fingerprint_samples, sample_stride
 from sftkit.params import encoder_of, head_parameters
 from sftkit.safetensors_io import (
@@ -66,8 +66,11 @@ def base_snapshot(base: str, revision: str | None) -> Path:
     if path.is_dir():
         return path
 
+    local = local_files_only(base, revision)
     try:
-        return Path(snapshot_download(base, revision=revision, allow_patterns=_SNAPSHOT_PATTERNS))
+        return Path(
+            snapshot_download(base, revision=revision, allow_patterns=_SNAPSHOT_PATTERNS, local_files_only=local)
+        )
     except Exception as exc:  # huggingface_hub raises many types (offline, not found, auth, validation)
         raise BadInputError(f"cannot load base model {base!r}: {str(exc).splitlines()[0]}") from exc
 
@@ -134,11 +137,12 @@ def stream_composition(
         keys = {name: sources.key_of(name) for name in state if name not in head_names}
         if None in keys.values() or any(tensors[k][1].shape != tuple(state[n].shape) for n, k in keys.items() if k):
             return None
+        composition.check_shapes({sources.relative(n): tuple(state[n].shape) for n in keys}, base)
         with atomic_directory(target, overwrite) as staging:
             samples = _write_weights(staging, state, keys, sources, composition, _shard_limit(max_shard_size))
             # Checked after the single pass over the weights, so no tensor is read twice.
             fingerprint = fingerprint_samples(model.config.model_type, samples)
-            composition.check_fingerprint(fingerprint)
+            composition.check_fingerprint(fingerprint, base)
             _write_side_files(staging, snapshot, model, composition, base, fingerprint)
         return target
 
@@ -210,25 +214,23 @@ def _write_weights(
     )
     pieces: dict[str, list[torch.Tensor]] = {}
 
-    def deltas_of(name: str, shape: tuple[int, ...]) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+    def deltas_of(name: str) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
         relative = sources.relative(name)
         found = []
         for part in composition.parts:
             delta = part.sft.diffs.get(relative)
             if delta is not None:
-                if tuple(delta.shape) != shape:
-                    raise BaseMismatchError(f"{relative}: SFT shape {delta.shape} does not match the model's {shape}")
                 found.append((part.weight, delta.indices, delta.values))
         return found
 
     def jobs(layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Iterator[tuple[str, Any]]:
-        for name, dtype, shape in packed_order(layout):
+        for name, dtype, _ in packed_order(layout):
             key = keys.get(name)
             if key is None:
                 yield name, memoryview(head[name].to(dtype).contiguous().view(-1).view(torch.uint8).numpy())
                 continue
             descriptor, info = sources.tensors[key]
-            deltas = deltas_of(name, shape)
+            deltas = deltas_of(name)
             numel, per_chunk = state[name].numel(), CHUNK_BYTES // itemsize(dtype)
             for first in range(0, numel, per_chunk):
                 yield name, (descriptor, info, first, min(numel, first + per_chunk), deltas)

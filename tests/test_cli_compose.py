@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from cli_helpers import one_line_error
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
@@ -97,8 +98,7 @@ def test_mismatched_base_is_refused(populated, tiny_base, tmp_path):
     result = runner.invoke(
         app, ["compose", "--task", "sa", "--lang", "ace", "--base", str(tiny_base), "-o", str(tmp_path / "m")]
     )
-    assert result.exit_code == 2
-    assert "was trained on base" in result.output
+    assert "cannot compose SFTs trained on different base models" in one_line_error(result)
     assert not (tmp_path / "m").exists()
 
 
@@ -108,3 +108,52 @@ def test_existing_output_needs_force(populated, tmp_path):
     again = runner.invoke(app, ["compose", "--task", "sa", "-o", str(out)])
     assert again.exit_code == 2 and "--force" in again.output
     assert runner.invoke(app, ["compose", "--task", "sa", "-o", str(out), "--force"]).exit_code == 0
+
+
+@pytest.fixture(scope="module")
+def narrow_base(tmp_path_factory, toy_languages):
+    """Another base with other shapes (hidden 32): its SFTs fit no tiny_base parameter."""
+    from sftkit import toy
+
+    texts = [text for language in toy_languages.values() for text in toy.corpus(language, 300)]
+    return toy.build_tiny_base(tmp_path_factory.mktemp("narrow-base"), texts, hidden_size=32)
+
+
+@pytest.fixture
+def mixed(populated, narrow_base):
+    populated.add(_sft(AutoModelForMaskedLM.from_pretrained(narrow_base), "language", "jav", str(narrow_base), 4))
+    return populated
+
+
+@pytest.mark.parametrize("choose_base", [False, True])
+def test_sfts_of_different_bases_are_refused_naming_both(mixed, tiny_base, narrow_base, tmp_path, choose_base):
+    """With or without --base: the fingerprint refusal, not advice to pick a base, and no shape error."""
+    base = ["--base", str(tiny_base)] if choose_base else []
+    result = runner.invoke(app, ["compose", "--task", "sa", "--lang", "jav", *base, "-o", str(tmp_path / "m")])
+    line = one_line_error(result)
+    assert line.startswith("error: cannot compose SFTs trained on different base models")
+    for name in ("task:sa@1", "lang:jav@1", str(tiny_base), str(narrow_base), "sha256:"):
+        assert name in line
+    assert "--base" not in line and "shape" not in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_base_of_other_shapes_is_refused_as_another_base(populated, tiny_base, narrow_base, tmp_path):
+    result = runner.invoke(app, ["compose", "--task", "sa", "--base", str(narrow_base), "-o", str(tmp_path / "m")])
+    line = one_line_error(result)
+    assert f"SFT 'task:sa@1' was trained on base {str(tiny_base)!r} (sha256:" in line
+    assert f"not on {str(narrow_base)!r}" in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_sftkit_base_stands_in_for_a_hub_base_offline(sftkit_home, tiny_base, tmp_path, monkeypatch):
+    """SFTs that name a Hub base compose offline on a local copy given by SFTKIT_BASE; without it, one line."""
+    registry = Registry.open()
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=3)
+    registry.add(_sft(classifier, "task", "sa", "FacebookAI/xlm-roberta-base", 2))
+    line = one_line_error(runner.invoke(app, ["compose", "--task", "sa", "-o", str(tmp_path / "m")]))
+    assert "'FacebookAI/xlm-roberta-base'" in line and "SFTKIT_BASE" in line and "HF_HUB_OFFLINE" in line
+    monkeypatch.setenv("SFTKIT_BASE", str(tiny_base))
+    result = runner.invoke(app, ["compose", "--task", "sa", "-o", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m" / "model.safetensors").is_file()

@@ -79,7 +79,7 @@ def test_in_memory_examples():
     [
         ("empty.txt", "", "empty"),
         ("blank.csv", "", "empty"),
-        ("nolabel.csv", "id,text\n1,hello\n", "line 2: no column 'label'"),
+        ("nolabel.csv", "id,text\n1,hello\n", r"no column 'label' \(--label-column\); the columns are id, text"),
         ("short.csv", "id,text,label\n1,hello,positive\n2,oops\n", "line 3: 2 fields"),
         ("emptytext.csv", "id,text,label\n1,,positive\n", "line 2: empty text"),
         ("bad.jsonl", '{"text": "a", "label": "x"}\nnot json\n', "line 2: not valid JSON"),

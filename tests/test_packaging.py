@@ -13,11 +13,13 @@ wheel with ``--no-deps``; its dependencies come from the test environment throug
 
 from __future__ import annotations
 
+import ast
 import configparser
 import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -181,3 +183,26 @@ print(json.dumps({
     _run([script, "db", "upgrade"], cwd=elsewhere, env=env)
     status = json.loads(_run([script, "db", "status", "--json"], cwd=elsewhere, env=env).stdout)
     assert status["up_to_date"] is True, status
+
+
+def test_the_bases_extra_installs_what_benchmarks_bases_imports():
+    """``pip install -e '.[bases]'`` (the README's line next to bases.py) is all bases.py needs beyond sftkit."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+    tree = ast.parse((ROOT / "benchmarks" / "bases.py").read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
+    distributions = metadata.packages_distributions()
+    imported = {dist.lower() for module in modules for dist in distributions.get(module.split(".")[0], [])}
+    # sentencepiece_model_pb2 imports google.protobuf, which the scan of bases.py itself cannot see.
+    needed = (imported - names(project["dependencies"])) | {"protobuf"}
+    assert needed == names(extras["bases"])
+    assert names(extras["bases"]) <= names(extras["dev"])
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"pip install -e \"\.\[bases\]\".*\n.*benchmarks/bases\.py", readme)

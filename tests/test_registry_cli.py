@@ -206,3 +206,73 @@ def test_registry_commands_never_import_torch(stocked):
     )
     assert result.returncode == 0, result.stderr
     assert "heavy: []" in result.stdout
+
+
+PHASES = {
+    "full": {
+        "steps": 100,
+        "best_step": 50,
+        "macro_f1": 0.6125,
+        "history": [
+            {"step": 50, "eval_loss": 0.8811, "macro_f1": 0.6125, "accuracy": 0.7},
+            {"step": 100, "eval_loss": 0.9402, "macro_f1": 0.5933, "accuracy": 0.65},
+        ],
+    },
+    "sparse": {
+        "steps": 100,
+        "best_step": 100,
+        "macro_f1": 0.6401,
+        "history": [{"step": 100, "eval_loss": 0.8534, "macro_f1": 0.6401, "accuracy": 0.72}],
+    },
+    "note": "imported",
+}
+
+
+def test_show_renders_each_phase_as_a_table_of_best_and_last(sftkit_home):
+    with Registry.open() as registry:
+        registry.add(tiny_sft("sa", kind="task", labels=["neg", "pos"], metrics=PHASES))
+    out = run("show", "task:sa").stdout
+    assert "history=" not in out and "best_step=" not in out
+    assert "full phase · 100 steps · best macro_f1 0.6125 at step 50\n" in out
+    assert "sparse phase · 100 steps · best macro_f1 0.6401 at step 100" in out
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in _rows(out)]
+    header = next(line for line in out.splitlines() if "eval_loss" in line)
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["", "step", "accuracy", "eval_loss", "macro_f1"]
+    assert rows == [
+        ["best", "50", "0.7", "0.8811", "0.6125"],  # full phase
+        ["last", "100", "0.65", "0.9402", "0.5933"],
+        ["best", "100", "0.72", "0.8534", "0.6401"],  # sparse phase
+        ["last", "100", "0.72", "0.8534", "0.6401"],
+    ]
+    assert "note=imported" in out  # a value that is no phase summary stays in the metadata table
+
+
+def _rows(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("│ best") or line.startswith("│ last")]
+
+
+def test_list_shows_a_short_base_in_80_columns_and_the_full_one_with_wide(sftkit_home):
+    """A real process with COLUMNS set: rich fixes an in-process console's width when it is created."""
+    import os
+
+    base = "/data/models/shared/multilingual-e5-small"
+    with Registry.open() as registry:
+        registry.add(tiny_sft("ace", base_model=base))
+        registry.add(
+            tiny_sft("sa", kind="task", seed=1, labels=["neg", "pos"], base_model="FacebookAI/xlm-roberta-base")
+        )
+
+    def listing(columns: int, *flags: str) -> str:
+        env = {**os.environ, "COLUMNS": str(columns), "SFTKIT_HOME": str(sftkit_home)}
+        command = [sys.executable, "-c", "from sftkit.cli.main import main; main()", "list", *flags]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    short = listing(80)
+    assert "multilingual-e5-small" in short and "xlm-roberta-base" in short
+    assert "/data/models" not in short and "FacebookAI" not in short
+    assert max(len(line) for line in short.splitlines()) <= 80
+    assert "lang:ace@1 multilingual-e5-small deftx" in " ".join(short.split())
+    assert f"lang:ace@1 {base} deftx" in " ".join(listing(160, "--wide").split())
+    assert {r["base_model"] for r in json.loads(run("list", "--json").stdout)} == {base, "FacebookAI/xlm-roberta-base"}

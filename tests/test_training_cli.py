@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_helpers import one_line_error
 from typer.testing import CliRunner
 
 from sftkit import toy
@@ -165,3 +166,25 @@ def test_interrupted_training_resumes_with_the_same_command(sftkit_home, tiny_ba
     assert not any((sftkit_home / "runs").iterdir())
     nothing = runner.invoke(app, [*args, "--resume"])
     assert nothing.exit_code == 2 and "nothing to resume" in nothing.stderr
+
+
+def test_other_column_names_get_the_flags_that_read_them(sftkit_home, tiny_base, files, tmp_path):
+    """A header without text/label names the columns found and --text-column / --label-column (train and eval)."""
+    renamed = {}
+    for name in ("train", "test"):
+        lines = files[name].read_text().splitlines()
+        assert lines[0] == "id,text,label"
+        renamed[name] = tmp_path / f"renamed-{name}.csv"
+        renamed[name].write_text("\n".join(["id,sentence,gold", *lines[1:]]) + "\n")
+    train = ["train", "--task", "sa", "--train", str(renamed["train"]), "--base", str(tiny_base), *FAST]
+    line = one_line_error(runner.invoke(app, train))
+    assert "line 2" not in line
+    assert "no column 'text' (--text-column), 'label' (--label-column); the columns are id, sentence, gold" in line
+    assert "--text-column NAME / --label-column NAME" in line
+    columns = ["--text-column", "sentence", "--label-column", "gold"]
+    assert _ok([*train, *columns]).stdout.strip().splitlines()[-1] == "task:sa@1"
+
+    line = one_line_error(runner.invoke(app, ["eval", "sa", "--data", str(renamed["test"])]))
+    assert "the columns are id, sentence, gold" in line and "--label-column" in line
+    scores = json.loads(_ok(["eval", "sa", "--data", str(renamed["test"]), *columns, "--json"]).stdout)
+    assert scores["n"] == 50

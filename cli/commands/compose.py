@@ -53,7 +53,10 @@ def compose_command(
         str | None, typer.Option(help="Comma-separated weights wᵢ in the order task, languages, extras (default 1).")
     ] = None,
     base: Annotated[
-        str | None, typer.Option(help="Base model (Hub id or directory); default: the one the SFTs were trained on.")
+        str | None,
+        typer.Option(
+            envvar="SFTKIT_BASE", help="Base model (Hub id or directory); default: the one the SFTs were trained on."
+        ),
     ] = None,
     head: Annotated[
         Literal["sequence-classification", "token-classification", "masked-lm", "none"] | None,
@@ -77,15 +80,23 @@ language SFTs' MLM heads are dropped. A token task SFT (NER, POS) gives a direct
         raise BadInputError("nothing to compose: give --task and/or --lang (or --sft)")
     weight_list = parse_weights(weights, len(references))
     from sftkit.compose import compose_to_directory
+    from sftkit.composition_plan import check_same_base, parts_of
 
     st = state(ctx)
     with err_console.status("loading SFTs…", spinner="dots") if not st.quiet else nullcontext():
         loaded = [load_sft(ctx, reference) for reference in references]
     records, sfts = [r for r, _ in loaded], [s for _, s in loaded]
-    bases = {s.metadata.base_model for s in sfts if s.metadata.base_model}
-    base_model = base or (bases.pop() if len(bases) == 1 else None)
+    # SFTs of different bases fit no --base: say so before suggesting one.
+    check_same_base(parts_of(sfts, references=[r.reference for r in records]))
+    bases = sorted({s.metadata.base_model for s in sfts if s.metadata.base_model})
+    base_model = base or (bases[0] if len(bases) == 1 else None)
+    if base_model is None and not bases:
+        raise BadInputError("the SFTs record no base model: give the one they were trained on with --base")
     if base_model is None:
-        raise BadInputError("the SFTs name different or no base models; choose one with --base")
+        raise BadInputError(
+            f"the SFTs name different base models ({', '.join(bases)}) but share a base fingerprint (or record "
+            "none): give the one they were trained on with --base"
+        )
     with err_console.status(f"composing on {base_model}…", spinner="dots") if not st.quiet else nullcontext():
         directory = compose_to_directory(
             base_model, sfts, output, weight_list, head=head, references=[r.reference for r in records], overwrite=force

@@ -45,7 +45,10 @@ LabelsOption = Annotated[
 ]
 BaseOption = Annotated[
     str | None,
-    typer.Option(help="Base model (Hub id or directory): loaded to record its fingerprint and map LT-SFT names."),
+    typer.Option(
+        envvar="SFTKIT_BASE",
+        help="Base model (Hub id or directory): loaded to record its fingerprint and map LT-SFT names.",
+    ),
 ]
 RevisionOption = Annotated[str | None, typer.Option(help="Revision of the base model.")]
 PrefixOption = Annotated[

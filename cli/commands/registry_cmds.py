@@ -106,13 +106,27 @@ def _table(*columns: str, title: str | None = None) -> Table:
     return table
 
 
-def _records_table(records: list[SFTRecord]) -> Table:
+def _short_base(base: str | None) -> str | None:
+    """A base's last path component or repo name: full local paths leave 80 columns no room for the rest."""
+    from pathlib import PurePath
+
+    return (PurePath(base).name or base) if base else base
+
+
+def _records_table(records: list[SFTRecord], wide: bool) -> Table:
+    from rich import box
+
     table = _table("reference", "base", "method", "rank", "entries", "density", "tags", "created")
+    # Rules and padding take a third of 80 columns with eight columns: one space between them keeps
+    # a typical row (lang:ace@12, multilingual-e5-small, 90var …) on one line.
+    table.box, table.show_edge, table.padding = box.SIMPLE_HEAD, False, (0, 0)
     table.columns[0].no_wrap = table.columns[7].no_wrap = True
+    table.columns[1].no_wrap = not wide
+    table.columns[1].overflow = "fold"  # a full base (--wide) wraps rather than losing its end
     for record in records:
         table.add_row(
             f"[bold]{record.reference}[/bold]",
-            _value(record.base_model),
+            _value(record.base_model if wide else _short_base(record.base_model)),
             _value(record.method),
             _value(record.rank),
             _count(record.num_entries),
@@ -136,6 +150,9 @@ def list_command(
     ascending: Annotated[bool, typer.Option("--asc", help="Ascending order (default: descending).")] = False,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many rows.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON array of records.")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Full base models (default: the last part of a path or Hub id).")
+    ] = False,
 ) -> None:
     """List registered SFTs, newest first."""
     registry = state(ctx).listing()
@@ -160,7 +177,7 @@ def list_command(
             else f"The registry ({_value(registry.url)}) is empty: `sftkit train …` or `sftkit import DIR` fills it."
         )
     else:
-        console.print(_records_table(records))
+        console.print(_records_table(records, wide))
 
 
 def _schedule(trainer: dict[str, Any]) -> str | None:
@@ -171,6 +188,33 @@ def _schedule(trainer: dict[str, Any]) -> str | None:
     steps = trainer.get("steps_per_phase")
     phases = "per phase" if trainer.get("sparse_phase", True) else "in phase 1 only"
     return f"{steps} {phases}, {batch}, {trainer.get('precision', 'fp32')}" if steps else batch
+
+
+def _phase_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, Table]]]:
+    """Split a trainer's metrics into plain values and one table per phase (its best and last evaluation).
+
+    A phase summary is ``{steps, best_step, <best metric>, history: [{step, …}]}``; printed inline it is
+    one unreadable line, so each becomes rows ``best`` and ``last`` under the metric names.
+    """
+    plain: dict[str, Any] = {}
+    tables = []
+    for phase, summary in metrics.items():
+        history = summary.get("history") if isinstance(summary, dict) else None
+        if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+            plain[phase] = summary
+            continue
+        best_metric = next((key for key in summary if key not in ("steps", "best_step", "history")), None)
+        heading = f"[bold]{phase} phase[/bold] · {summary.get('steps', '?')} steps"
+        if best_metric is not None and summary.get("best_step") is not None:
+            heading += f" · best {best_metric} {_value(summary[best_metric])} at step {summary['best_step']}"
+        columns = list(dict.fromkeys(key for entry in history for key in entry if key != "step"))
+        table = _table("", "step", *columns)
+        best = next((entry for entry in history if entry.get("step") == summary.get("best_step")), None)
+        for label, entry in (("best", best), ("last", history[-1] if history else None)):
+            if entry is not None:
+                table.add_row(label, _value(entry.get("step")), *(_value(entry.get(column)) for column in columns))
+        tables.append((heading, table))
+    return plain, tables
 
 
 def show_command(
@@ -208,6 +252,7 @@ def show_command(
         print_json(data)
         return
 
+    metrics, phase_tables = _phase_metrics(record.metrics or {})
     about = _table("", "", title=record.reference)
     about.show_header = False
     about.columns[1].overflow = "fold"  # full paths and hashes, to copy
@@ -229,7 +274,7 @@ def show_command(
         ("labels", config.get("labels")),
         ("head", config.get("head_type")),
         ("dense tensors", f"{len(heads)} ({sum(math.prod(shape) for shape in heads.values()):,} entries)"),
-        ("metrics", record.metrics),
+        ("metrics", metrics or None),
         ("trainer", record.trainer),
         ("data", config.get("data")),
         ("size", _bytes(record.size_bytes)),
@@ -241,6 +286,9 @@ def show_command(
     for key, value in rows:
         about.add_row(f"[bold]{key}[/bold]", _value(value))
     console.print(about)
+    for heading, table in phase_tables:
+        console.print(heading, highlight=False, soft_wrap=True)
+        console.print(table)
 
     if sources:
         console.print(f"[bold]trained on sources[/bold]  {', '.join(sources)}", soft_wrap=True)

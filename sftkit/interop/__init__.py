@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sftkit.artifact import CONFIG_NAME, LTSFT_FILE, WEIGHTS_NAME
-from sftkit.base_model import load_base
+from sftkit.base_model import load_base, local_files_only
 from sftkit.errors import BadInputError, BaseMismatchError
 from sftkit.fingerprint import base_fingerprint
 from sftkit.interop.ltsft import ReadResult, read_ltsft, write_ltsft
@@ -110,7 +110,9 @@ def encoder_prefix(base_model: str | None, revision: str | None = None) -> str:
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     try:
-        config = AutoConfig.from_pretrained(base_model, revision=revision)
+        config = AutoConfig.from_pretrained(
+            base_model, revision=revision, local_files_only=local_files_only(base_model, revision)
+        )
         return MODEL_MAPPING[type(config)].base_model_prefix
     except (OSError, ValueError, KeyError) as exc:
         raise BadInputError(

@@ -83,6 +83,8 @@ def load_corpus(source: str | Path | Sequence[str], text_column: str | None = No
     if str(source).startswith(HUB_PREFIX):
         rows, origin, digest = _hub_rows(str(source))
         column = text_column or _TEXT_DEFAULT
+        if rows:
+            _check_columns(origin, rows[0][1], {"--text-column": column})
         texts = [str(_field(row, column, origin, line)).strip() for line, row in rows]
         return _nonempty_corpus([text for text in texts if text], origin, digest)
     path, raw = read_bytes(source)
@@ -92,7 +94,10 @@ def load_corpus(source: str | Path | Sequence[str], text_column: str | None = No
         texts = [line.strip() for line in text.splitlines()]
     else:
         column = text_column or _TEXT_DEFAULT
-        texts = [str(_field(row, column, path, line)).strip() for line, row in _table_rows(path, text, column)]
+        rows = list(_table_rows(path, text, column))
+        if rows:
+            _check_columns(path, rows[0][1], {"--text-column": column})
+        texts = [str(_field(row, column, path, line)).strip() for line, row in rows]
     return _nonempty_corpus([t for t in texts if t], str(path), digest)
 
 
@@ -133,6 +138,8 @@ def load_labelled(
     )
     first = text_column or (_PAIR_DEFAULT[0] if use_pair else _TEXT_DEFAULT)
     second = (text_pair_column or _PAIR_DEFAULT[1]) if use_pair else None
+    flags = {"--text-column": first, "--text-pair-column": second, "--label-column": label_column}
+    _check_columns(origin, rows[0][1], {flag: column for flag, column in flags.items() if column})
     examples = []
     for line, row in rows:
         text = str(_field(row, first, origin, line)).strip()
@@ -217,6 +224,21 @@ def _table_rows(path: Path, text: str, key_column: str) -> Iterator[tuple[int, d
             yield reader.line_num, dict(zip(header, row, strict=True))
     except csv.Error as exc:
         raise BadInputError(f"{path}: line {reader.line_num}: malformed {kind.upper()} ({exc})") from None
+
+
+def _check_columns(origin: str | Path, row: dict[str, Any], wanted: dict[str, str]) -> None:
+    """Refuse data without the columns asked for, once, naming those found and the flags that choose them.
+
+    Reported per header rather than per row: a file with other column names is the common case (SST,
+    SMSA exports), and its fix is a flag, not an edit of line 2.
+    """
+    missing = {flag: column for flag, column in wanted.items() if column not in row}
+    if missing:
+        asked = ", ".join(f"{column!r} ({flag})" for flag, column in missing.items())
+        raise BadInputError(
+            f"{origin}: no column {asked}; the columns are {', '.join(map(str, row))}: "
+            f"name the right ones with {' / '.join(f'{flag} NAME' for flag in wanted)}"
+        )
 
 
 def _field(row: dict[str, Any], column: str | None, origin: str | Path, line: int) -> Any:
