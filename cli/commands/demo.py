@@ -10,7 +10,7 @@ skipping stages: LT-SFT and DEFT-X run the identical phase 1 (full fine-tuning) 
 seed, so each language's phase 1 is trained once and reused through the trainer's full-phase cache
 (keyed by the phase-1 settings, data, base and source SFT: the two task SFTs start from different
 source SFTs, so each trains its own). Language SFTs run fewer MLM steps at a higher learning rate
-than the ``quick`` recipe (``LANGUAGE_SCHEDULE``); every SFT records its settings in its metadata.
+than the toy schedule (``LANGUAGE_SCHEDULE``); every SFT records its settings in its metadata.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from sftkit.cli.context import console, err_console, print_json, progress, state
 TARGETS = ("ace", "ban")
 METHODS = {"deftx": "90var", "lt-sft": "none"}  # method → rank spec
 SIZES = {"corpus": 1500, "train": 1200, "validation": 300, "test": 400}
-# Language SFTs (MLM) on top of the ``quick`` recipe: each phase is the demo's costliest part (64-token
-# blocks); a higher learning rate in fewer steps ends at a lower validation MLM loss than the recipe's.
-LANGUAGE_SCHEDULE = {"lr": 1e-2, "max_steps": 100, "eval_steps": 25}
+# On top of the ``quick`` recipe (sized for a real base's smoke run): batches and steps for the toy world.
+TASK_SCHEDULE = {"batch_size": 32, "max_steps": 250, "eval_steps": 50}
+# Language SFTs (MLM): each phase is the demo's costliest part (64-token blocks); a higher learning rate in
+# fewer steps ends at a lower validation MLM loss than the task schedule's.
+LANGUAGE_SCHEDULE = {**TASK_SCHEDULE, "lr": 1e-2, "max_steps": 100, "eval_steps": 25}
 
 
 def _step_reporter(bar: Any, task: Any) -> Any:
@@ -48,7 +50,7 @@ def _step_reporter(bar: Any, task: Any) -> Any:
             self.offset, self.last = self.offset + self.last, 0
             bar.update(task, total=self.offset + total_steps * (2 if phase == "full" else 1))
 
-        def step(self, step: int, loss: float) -> None:
+        def step(self, step: int, loss: float, lr: float, tokens: int) -> None:
             self.last = step
             bar.update(task, completed=self.offset + step)
 
@@ -146,7 +148,9 @@ def _run(ctx: typer.Context, workdir: Path, seed: int) -> dict[str, Any]:
                 sfts[code, method], references[code, method] = sft, record.reference
                 phase1[record.reference] = how
             source = registry.resolve(references["src", method])
-            config = make_config(task="sa", recipe="quick", base_model=str(base), method=method, rank=rank, seed=seed)
+            config = make_config(
+                task="sa", recipe="quick", base_model=str(base), method=method, rank=rank, seed=seed, **TASK_SCHEDULE
+            )
             sft, how = trained(
                 f"task SFT sa on src ({method})",
                 config,

@@ -12,7 +12,7 @@ global batch.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -169,3 +169,9 @@ def make_collator(kind: str, tokenizer: Any, mlm_probability: float, seed: int |
 def fixed_batches(items: Sequence[Item], collator: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Validation batches collated once (with fixed MLM masks), so every evaluation scores the same task."""
     return [dict(collator(list(items[i : i + batch_size]))) for i in range(0, len(items), batch_size)]
+
+
+def batch_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Input tokens of a batch, padding excluded: what a throughput figure should count."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
