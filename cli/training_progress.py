@@ -55,26 +55,27 @@ class RichReporter:
 class LogReporter:
     """Plain lines for a log: each phase's start and end, every validation, and its steps at the first,
     the last and every log interval between — step / total, loss, learning rate, tokens per second
-    (since the previous line), elapsed time and ETA (from this session's pace, so a resume is not skewed)."""
+    (training time since the previous line, validations left out), elapsed time and ETA (from this
+    session's pace, so a resume is not skewed)."""
 
     def __init__(self, log: LineLog, metric: str) -> None:
         self.log, self.metric = log, metric
         self.label, self.total, self.first = "", 0, 0
-        self.started = self.since = 0.0
+        self.started = self.since = self.stepped = 0.0
         self.tokens = 0
 
     def phase_started(self, phase: str, total_steps: int, done_steps: int) -> None:
         self.label, self.total, self.first = PHASE_LABELS.get(phase, phase), total_steps, done_steps
-        self.started = self.since = time.monotonic()
+        self.started = self.since = self.stepped = time.monotonic()
         self.tokens = 0
         resuming = f", continuing after step {done_steps}" if done_steps else ""
         self.log.print(f"{self.label}: {total_steps} steps{resuming}")
 
     def step(self, step: int, loss: float, lr: float, tokens: int) -> None:
         self.tokens += tokens
+        now = self.stepped = time.monotonic()
         if step != self.first + 1 and step != self.total and not self.log.due():
             return
-        now = time.monotonic()
         elapsed = now - self.started
         rate = self.tokens / max(now - self.since, 1e-9)
         eta = elapsed / (step - self.first) * (self.total - step)
@@ -85,6 +86,7 @@ class LogReporter:
         self.since, self.tokens = now, 0
 
     def evaluated(self, step: int, metrics: dict[str, Any]) -> None:
+        self.since += time.monotonic() - self.stepped  # the validation's time is not training throughput
         values = " · ".join(f"{name} {value:.4f}" for name, value in metrics.items())
         self.log.print(f"{self.label}: step {step}/{self.total} · validation {values}")
 
