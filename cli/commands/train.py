@@ -37,7 +37,7 @@ EXAMPLES_TRAIN = """
   sftkit train --lang ace --no-sparse-phase --k all …           [dim]# w/o magnitude pruning + sparse FT[/dim]
 
 An interrupted run continues with the same command plus [b]--resume[/b]. Recipes: paper-lang, paper-sa,
-paper-nli (the paper's Appendix C) and quick (CPU smoke test: 20 steps of 8 × 64 tokens per phase, a
+paper-nli (the paper's Appendix C) and quick (CPU smoke test: 10 steps of 8 × 64 tokens per phase, a
 language SFT on multilingual-e5-small in under 3 minutes); flags override any recipe value.
 
 Off a terminal (a log file, nohup, SLURM, CI) progress is printed as plain lines: each phase's step, loss,

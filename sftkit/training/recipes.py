@@ -79,8 +79,8 @@ RECIPES: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyType(
                 "max_length": 64,
                 "lr": 2e-3,
                 "epochs": 20.0,
-                "max_steps": 20,
-                "eval_steps": 10,
+                "max_steps": 10,
+                "eval_steps": 5,
                 "holdout": 0.1,
                 "l1": 0.0,
             }
