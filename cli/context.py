@@ -111,7 +111,7 @@ def activity(ctx: typer.Context, message: str) -> Iterator[None]:
 
     In a log (``progress_lines``) a stage still running after ``STAGE_DELAY`` seconds (or the log interval,
     if shorter) says so in a line, and in another when it ends; a quick stage prints nothing, so a refused
-    command's stderr stays its one error line.
+    command's stderr stays its one error line and ``--json`` output stays alone.
     """
     if live_display(ctx):
         with err_console.status(f"{message}…", spinner="dots"):
@@ -125,12 +125,12 @@ def activity(ctx: typer.Context, message: str) -> Iterator[None]:
     if delay:
         announce.start()
     else:
-        announce.run()  # now, in this thread: "every line" must not race the stage
+        log.print(f"{message}…")  # interval 0: at once, not racing the stage
     try:
         yield
     finally:
         announce.cancel()
         if delay:
-            announce.join()
+            announce.join()  # a line being printed is finished before the next one
     if log.last is not None:
         log.print(f"{message}: done in {clock(time.monotonic() - started)}")

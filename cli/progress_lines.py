@@ -19,7 +19,7 @@ from sftkit.errors import BadInputError
 
 INTERVAL_VARIABLE = "SFTKIT_LOG_INTERVAL"
 DEFAULT_INTERVAL = 30.0
-STAGE_DELAY = 1.0  # seconds before a stage announces itself: quicker ones (and quick refusals) print nothing
+STAGE_DELAY = 5.0  # seconds before a stage announces itself: quicker ones (and quick refusals) print nothing
 
 
 def log_interval() -> float:

@@ -29,11 +29,16 @@ def corpus(tmp_path_factory, toy_languages):
     return toy.write_corpus(tmp_path_factory.mktemp("corpus") / "ace.txt", toy.corpus(toy_languages["ace"], 120))
 
 
-def _train(headless_base, corpus, out, *options: str, env: dict[str, str] | None = None):
-    """``sftkit [OPTIONS] train --lang ace …`` on the headless tiny base, 4 steps per phase, validating at 2 and 4."""
+def _invoke(headless_base, corpus, out, *options: str, env: dict[str, str] | None = None, more=("--eval-steps", "2")):
+    """``sftkit [OPTIONS] train --lang ace … [MORE]`` on the headless tiny base, 4 steps per phase."""
     args = [*options, "train", "--lang", "ace", "--corpus", str(corpus), "--base", str(headless_base)]
-    args += ["--recipe", "quick", "--max-steps", str(STEPS), "--eval-steps", "2", "--no-register", "-o", str(out)]
-    result = CliRunner().invoke(app, args, env={"SFTKIT_HOME": str(out.parent / "home"), **(env or {})})
+    args += ["--recipe", "quick", "--max-steps", str(STEPS), "--no-register", "-o", str(out), *more]
+    return CliRunner().invoke(app, args, env={"SFTKIT_HOME": str(out.parent / "home"), **(env or {})})
+
+
+def _train(headless_base, corpus, out, *options: str, env: dict[str, str] | None = None):
+    """A run validating at steps 2 and 4 that must succeed."""
+    result = _invoke(headless_base, corpus, out, *options, env=env)
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result
 
@@ -83,7 +88,7 @@ def test_a_bad_log_interval_is_one_clear_error(headless_base, corpus, tmp_path):
 
 
 def test_export_import_and_eval_log_their_stages(tiny_base, toy_languages, sftkit_home, tmp_path, monkeypatch):
-    """Interval 0: every stage logs; by default only a stage lasting over a second does (none of these)."""
+    """Interval 0: every stage logs; by default only a stage lasting over 5 s does (none of these)."""
     runner = CliRunner()
     data = toy.write_labelled_csv(tmp_path / "sa.csv", toy.labelled(toy_languages["src"], 60))
     train = ["train", "--task", "sa", "--train", str(data), "--base", str(tiny_base), "--recipe", "quick"]
@@ -103,3 +108,27 @@ def test_export_import_and_eval_log_their_stages(tiny_base, toy_languages, sftki
     assert json.loads(evaluated.stdout)["n"] == 60  # the lines stay on stderr: stdout is still pure JSON
     quiet = runner.invoke(app, ["-q", "eval", "sa", "--data", str(data), "--json"])
     assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_an_interruption_after_the_warm_up_keeps_the_fitted_head(headless_base, corpus, tmp_path, monkeypatch):
+    """Ctrl-C at the full phase's first step, before any checkpoint: the fitted head is kept and not fitted again."""
+    from sftkit.cli.training_progress import LogReporter
+
+    original_step = LogReporter.step
+
+    def interrupt(self, step, loss, lr, tokens):
+        if self.label == "full phase":
+            raise KeyboardInterrupt
+        original_step(self, step, loss, lr, tokens)
+
+    monkeypatch.setattr(LogReporter, "step", interrupt)
+    out = tmp_path / "sft"
+    interrupted = _invoke(headless_base, corpus, out, more=("--eval-steps", str(STEPS)))
+    assert interrupted.exit_code == 130
+    assert "(head warm-up done): run the same command with --resume" in interrupted.stderr
+    monkeypatch.setattr(LogReporter, "step", original_step)
+    resumed = _invoke(headless_base, corpus, out, more=("--eval-steps", str(STEPS), "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert ": full phase from its start" in resumed.stderr
+    assert "head warm-up:" not in resumed.stderr  # no warm-up lines: it did not run again
+    assert json.loads((out / "sft_config.json").read_text())["trainer"]["head_warmup"]["steps"] == STEPS

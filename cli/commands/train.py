@@ -432,9 +432,11 @@ those (memory ∝ k). The result is registered and its reference printed.
 
             if RunDirectory(work_dir).has_progress():
                 phase, step = RunDirectory(work_dir).resume_point()
+                # No step yet: what is kept is the stage before (the selection, or the fitted warm-up head).
+                before = "full phase done" if phase == "sparse" else "head warm-up done"
+                kept = f"{phase} phase, step {step}" if step else before
                 err_console.print(
-                    f"checkpoints kept in {work_dir} ({phase} phase, step {step}): run the same command with "
-                    "--resume to continue",
+                    f"checkpoints kept in {work_dir} ({kept}): run the same command with --resume to continue",
                     highlight=False,
                     soft_wrap=True,
                 )
