@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+
+from sftkit.cli.progress_lines import STAGE_DELAY, LineLog, clock, log_interval
 
 if TYPE_CHECKING:
     from sftkit.registry import Registry, SFTRecord
@@ -79,8 +85,13 @@ def load_sft(ctx: typer.Context, reference: str) -> tuple[SFTRecord, SparseFineT
     return record, state(ctx).registry().load(record)
 
 
+def live_display(ctx: typer.Context) -> bool:
+    """Rich bars and spinners: on a terminal (or forced by ``SFTKIT_PROGRESS=1``), unless ``--quiet``."""
+    return not state(ctx).quiet and (err_console.is_terminal or os.environ.get("SFTKIT_PROGRESS") == "1")
+
+
 def progress(ctx: typer.Context, transient: bool = True):
-    """A rich progress bar that respects ``--quiet``."""
+    """A rich progress bar that respects ``--quiet`` (and draws nothing off a terminal)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -90,5 +101,36 @@ def progress(ctx: typer.Context, transient: bool = True):
         TimeElapsedColumn(),
         console=err_console,
         transient=transient,
-        disable=state(ctx).quiet or (not err_console.is_terminal and os.environ.get("SFTKIT_PROGRESS") != "1"),
+        disable=not live_display(ctx),
     )
+
+
+@contextmanager
+def activity(ctx: typer.Context, message: str) -> Iterator[None]:
+    """One stage of long work: a spinner on a terminal; nothing with ``--quiet``.
+
+    In a log (``progress_lines``) a stage still running after ``STAGE_DELAY`` seconds (or the log interval,
+    if shorter) says so in a line, and in another when it ends; a quick stage prints nothing, so a refused
+    command's stderr stays its one error line and ``--json`` output stays alone.
+    """
+    if live_display(ctx):
+        with err_console.status(f"{message}…", spinner="dots"):
+            yield
+        return
+    if state(ctx).quiet:
+        yield
+        return
+    log, started, delay = LineLog(err_console, 0), time.monotonic(), min(STAGE_DELAY, log_interval())
+    announce = threading.Timer(delay, log.print, (f"{message}…",))
+    if delay:
+        announce.start()
+    else:
+        log.print(f"{message}…")  # interval 0: at once, not racing the stage
+    try:
+        yield
+    finally:
+        announce.cancel()
+        if delay:
+            announce.join()  # a line being printed is finished before the next one
+    if log.last is not None:
+        log.print(f"{message}: done in {clock(time.monotonic() - started)}")

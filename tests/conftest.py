@@ -47,6 +47,17 @@ def other_base(tmp_path_factory, toy_languages) -> Path:
     return toy.build_tiny_base(tmp_path_factory.mktemp("other-base"), texts, seed=1)
 
 
+@pytest.fixture(scope="session")
+def headless_base(tiny_base, tmp_path_factory) -> Path:
+    """The tiny base saved without an MLM head, like a sentence encoder (mE5, MiniLM): a run fits a fresh one."""
+    from transformers import AutoModel, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("headless")
+    AutoModel.from_pretrained(tiny_base, add_pooling_layer=False).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def sftkit_home(tmp_path, monkeypatch) -> Path:
     """An empty registry home for one test."""

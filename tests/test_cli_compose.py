@@ -71,7 +71,7 @@ def test_compose_json_output_and_weights(populated, tmp_path):
         app, ["compose", "-t", "sa", "-l", "lang:ban@1", "--weights", "1,0.5", "-o", str(tmp_path / "m"), "--json"]
     )
     assert result.exit_code == 0, result.output
-    record = json.loads(result.output)
+    record = json.loads(result.stdout)
     assert record["path"] == str(tmp_path / "m")
     assert [(p["reference"], p["weight"]) for p in record["sfts"]] == [("task:sa@1", 1.0), ("lang:ban@1", 0.5)]
 

@@ -29,7 +29,7 @@ from sftkit.training.trainer import TOKEN_SCORES
 
 NER_LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
 POS_TAGS = ("ADJ", "NOUN", "VERB")
-QUICK = ["--recipe", "quick", "--max-steps", "30", "--eval-steps", "15"]
+QUICK = ["--recipe", "quick", "--batch-size", "32", "--max-steps", "30", "--eval-steps", "15"]  # toy-sized batches
 
 
 def _sentences(scheme: str, n: int, seed: int) -> list[TaggedSentence]:

@@ -168,7 +168,7 @@ class _Interrupt(trainer_module.NullReporter):
     def phase_started(self, phase, total_steps, done_steps):
         self.current = phase
 
-    def step(self, step, loss):
+    def step(self, step, loss, lr, tokens):
         if self.current == self.phase and step == self.at_step:
             raise KeyboardInterrupt
 
@@ -193,6 +193,33 @@ def test_resume_continues_an_interrupted_run_exactly(tiny_base, toy_languages, t
     assert not work.exists()  # checkpoints are removed after success
     with pytest.raises(BadInputError, match="nothing to resume"):
         train(config, train_data=rows, work_dir=work, resume=True)
+
+
+@pytest.mark.parametrize("phase", ["full", "sparse"])
+def test_a_time_interval_checkpoint_between_evaluations_resumes_exactly(tiny_base, toy_languages, tmp_path, phase):
+    """Validation only at the last step: the checkpoint at step 2 can only come from the time interval."""
+    rows = toy.labelled(toy_languages["src"], 64)
+    config = make_config(task="sa", base_model=str(tiny_base), recipe="quick", max_steps=4, eval_steps=4)
+    uninterrupted = train(config, train_data=rows).sft
+    work = tmp_path / "run"
+    every_step = 1e-6  # minutes: any step on the toy model takes longer
+    with pytest.raises(KeyboardInterrupt):
+        train(config, train_data=rows, work_dir=work, reporter=_Interrupt(phase, 3), checkpoint_minutes=every_step)
+    assert json.loads((work / phase / "checkpoint" / "progress.json").read_text())["step"] == 2
+    notes = _Notes()
+    resumed = train(config, train_data=rows, work_dir=work, resume=True, reporter=notes).sft
+    assert notes.messages[0] == f"resuming the run in {work}: {phase} phase at step 2 of 4"
+    assert resumed.delta_digest() == uninterrupted.delta_digest()
+    for name, tensor in uninterrupted.full.items():
+        assert torch.equal(resumed.full[name], tensor), name
+
+
+class _Notes(trainer_module.NullReporter):
+    def __init__(self):
+        self.messages = []
+
+    def note(self, message):
+        self.messages.append(message)
 
 
 def test_resume_refuses_a_run_started_with_other_settings(tiny_base, toy_languages, tmp_path):

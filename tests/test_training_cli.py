@@ -144,24 +144,25 @@ def test_train_and_eval_on_real_americasnli_files(sftkit_home, tiny_base):
 
 
 def test_interrupted_training_resumes_with_the_same_command(sftkit_home, tiny_base, files, monkeypatch):
-    from sftkit.cli.commands import train as train_command
+    from sftkit.cli.training_progress import LogReporter
 
     args = ["train", "--task", "sa", "--train", str(files["train"]), "--base", str(tiny_base), *FAST]
-    original_step = train_command._RichReporter.step
+    original_step = LogReporter.step
 
-    def interrupt(self, step, loss):
+    def interrupt(self, step, loss, lr, tokens):
         if step == 5:
             raise KeyboardInterrupt
-        original_step(self, step, loss)
+        original_step(self, step, loss, lr, tokens)
 
-    monkeypatch.setattr(train_command._RichReporter, "step", interrupt)
+    monkeypatch.setattr(LogReporter, "step", interrupt)
     interrupted = runner.invoke(app, args)
     assert interrupted.exit_code == 130
-    assert "--resume" in interrupted.stderr
+    assert "(full phase, step 3): run the same command with --resume" in interrupted.stderr
     assert len(list((sftkit_home / "runs").iterdir())) == 1
-    monkeypatch.setattr(train_command._RichReporter, "step", original_step)
+    monkeypatch.setattr(LogReporter, "step", original_step)
     resumed = _ok([*args, "--resume"])
-    assert "resuming" in resumed.stderr
+    assert ": full phase at step 3 of 6" in resumed.stderr
+    assert "full phase: 6 steps, continuing after step 3" in resumed.stderr
     assert resumed.stdout.strip().splitlines()[-1] == "task:sa@1"
     assert not any((sftkit_home / "runs").iterdir())
     nothing = runner.invoke(app, [*args, "--resume"])

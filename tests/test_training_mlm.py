@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from sftkit import toy
 from sftkit.base_model import load_base
@@ -26,15 +26,6 @@ WORDS = "embeddings.word_embeddings.weight"
 @pytest.fixture(scope="module")
 def ace_texts(toy_languages):
     return toy.corpus(toy_languages["ace"], 200)
-
-
-@pytest.fixture(scope="module")
-def headless_base(tiny_base, tmp_path_factory):
-    """The tiny base saved without an MLM head, like a sentence encoder (mE5, MiniLM)."""
-    out = tmp_path_factory.mktemp("headless")
-    AutoModel.from_pretrained(tiny_base, add_pooling_layer=False).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +136,8 @@ def test_headless_base_gets_an_automatic_warm_up_recorded_in_the_sft(headless_ba
     config = make_config(language="ace", base_model=str(headless_base), recipe="quick", **STEPS)
     sft = train(config, train_data=ace_texts).sft
     warmup = sft.metadata.trainer["head_warmup"]
-    assert warmup["steps"] == HEAD_WARMUP_STEPS
+    assert warmup["steps"] == STEPS["max_steps"] < HEAD_WARMUP_STEPS  # max_steps caps every phase
+    assert make_config(language="ace", recipe="paper-lang").head_warmup_for(fresh_head=True) == HEAD_WARMUP_STEPS
     assert "lm_head.dense.weight" in warmup["fresh_head_weights"]
     assert warmup["last_loss"] < warmup["first_loss"]
     off = train(config.with_changes(head_warmup_steps=0), train_data=ace_texts).sft
@@ -221,21 +213,31 @@ def test_language_run_on_a_headless_base_resumes_exactly(headless_base, ace_text
         def phase_started(self, name, total_steps, done_steps):
             self.current = name
 
-        def step(self, step, loss):
+        def step(self, step, loss, lr, tokens):
             if self.current == phase and step == 3:
                 raise KeyboardInterrupt
 
-    options = {"max_steps": 4, "eval_steps": 2, "l1": 0.1, "head_warmup_steps": 5}
+    class Phases(trainer_module.NullReporter):
+        def __init__(self):
+            self.started = []
+
+        def phase_started(self, name, total_steps, done_steps):
+            self.started.append(name)
+
+    options = {"max_steps": 4, "eval_steps": 2, "l1": 0.1, "head_warmup_steps": 3}
     config = make_config(language="ace", base_model=str(headless_base), recipe="quick", **options)
     uninterrupted = train(config, train_data=ace_texts).sft
     work = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(config, train_data=ace_texts, work_dir=work, reporter=Interrupt())
-    resumed = train(config, train_data=ace_texts, work_dir=work, resume=True).sft
+    phases = Phases()
+    resumed = train(config, train_data=ace_texts, work_dir=work, resume=True, reporter=phases).sft
+    assert "head warm-up" not in phases.started  # the fitted head was kept: not fitted again
     assert set(resumed.diffs) == set(uninterrupted.diffs)
     for name, delta in uninterrupted.diffs.items():
         assert torch.equal(resumed.diffs[name].indices, delta.indices), name
         assert torch.equal(resumed.diffs[name].values, delta.values), name
     for name, tensor in uninterrupted.full.items():
         assert torch.equal(resumed.full[name], tensor), name
-    assert resumed.metadata.trainer["head_warmup"]["steps"] == 5
+    assert resumed.metadata.trainer == uninterrupted.metadata.trainer
+    assert resumed.metadata.trainer["head_warmup"]["steps"] == 3

@@ -267,7 +267,7 @@ class _StopInSparsePhase(trainer_module.NullReporter):
     def phase_started(self, phase, total_steps, done_steps):
         self.phase = phase
 
-    def step(self, step, loss):
+    def step(self, step, loss, lr, tokens):
         if self.phase == "sparse" and step == 2:
             raise KeyboardInterrupt
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
-from sftkit.cli.context import console, err_console, load_sft, print_json, state
+from sftkit.cli.context import activity, console, load_sft, print_json, state
 from sftkit.errors import BadInputError
 
 EXAMPLES = """
@@ -83,7 +82,7 @@ language SFTs' MLM heads are dropped. A token task SFT (NER, POS) gives a direct
     from sftkit.composition_plan import check_same_base, parts_of
 
     st = state(ctx)
-    with err_console.status("loading SFTs…", spinner="dots") if not st.quiet else nullcontext():
+    with activity(ctx, f"loading {len(references)} SFT{'s' if len(references) > 1 else ''}"):
         loaded = [load_sft(ctx, reference) for reference in references]
     records, sfts = [r for r, _ in loaded], [s for _, s in loaded]
     # SFTs of different bases fit no --base: say so before suggesting one.
@@ -97,7 +96,7 @@ language SFTs' MLM heads are dropped. A token task SFT (NER, POS) gives a direct
             f"the SFTs name different base models ({', '.join(bases)}) but share a base fingerprint (or record "
             "none): give the one they were trained on with --base"
         )
-    with err_console.status(f"composing on {base_model}…", spinner="dots") if not st.quiet else nullcontext():
+    with activity(ctx, f"composing on {base_model} into {output}"):
         directory = compose_to_directory(
             base_model, sfts, output, weight_list, head=head, references=[r.reference for r in records], overwrite=force
         )

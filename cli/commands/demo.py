@@ -72,7 +72,7 @@ def _step_reporter(bar: Any, task: Any) -> Any:
             self.offset, self.last = self.offset + self.last, 0
             bar.update(task, total=self.offset + total_steps * (2 if phase == "full" else 1))
 
-        def step(self, step: int, loss: float) -> None:
+        def step(self, step: int, loss: float, lr: float, tokens: int) -> None:
             self.last = step
             bar.update(task, completed=self.offset + step)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -11,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from sftkit.artifact import sft_name
-from sftkit.cli.context import console, err_console, print_json, resolve, state
+from sftkit.cli.context import activity, console, err_console, print_json, resolve, state
 from sftkit.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -100,7 +99,7 @@ def _register(
 
     st = state(ctx)
     found = detect_format(source)
-    with err_console.status(f"importing {found} SFT…", spinner="dots") if not st.quiet else nullcontext():
+    with activity(ctx, f"importing {found} SFT from {source}"):
         result: ReadResult = import_sft(
             source, overrides, base=base, revision=revision, prefix=prefix, decoder_as_embeddings=decoder_as_embeddings
         )
@@ -172,7 +171,7 @@ def _pull(ctx, spec, overrides, base, revision, prefix, decoder_as_embeddings, t
     from sftkit.hub import download, parse_repo_spec, repo_overrides
 
     repo_id, _ = parse_repo_spec(spec)
-    with err_console.status(f"downloading {repo_id}…", spinner="dots") if not state(ctx).quiet else nullcontext():
+    with activity(ctx, f"downloading {repo_id}"):
         snapshot = download(spec)
     given = {key: value for key, value in overrides.items() if value is not None}
     wanted = repo_overrides(snapshot, repo_id, given)
@@ -215,8 +214,10 @@ def export_command(
     from sftkit.interop import export_sft
 
     record = resolve(ctx, reference)
-    sft = state(ctx).registry().load(record)
-    directory = export_sft(sft, output, format=format, prefix=prefix, overwrite=force, dtype=dtype)
+    with activity(ctx, f"loading {record.reference}"):
+        sft = state(ctx).registry().load(record)
+    with activity(ctx, f"writing {format} to {output}"):
+        directory = export_sft(sft, output, format=format, prefix=prefix, overwrite=force, dtype=dtype)
     console.print(
         f"[green]exported[/green] {escape(record.reference)} ({format}) → {escape(str(directory))}",
         highlight=False,
@@ -246,8 +247,9 @@ def push_command(
         if format == "lt-sft":
             from sftkit.interop import export_sft
 
-            directory = export_sft(st.registry().load(record), Path(scratch) / "lt-sft", prefix=prefix)
-        with err_console.status(f"uploading to {repo}…", spinner="dots") if not st.quiet else nullcontext():
+            with activity(ctx, f"converting {record.reference} to lt-sft"):
+                directory = export_sft(st.registry().load(record), Path(scratch) / "lt-sft", prefix=prefix)
+        with activity(ctx, f"uploading to {repo}"):
             url = push(directory, repo, private=private, commit_message=message)
     console.print(f"[green]pushed[/green] {escape(record.reference)} → {escape(url)}", highlight=False, soft_wrap=True)
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sftkit.cli.context import console, err_console, load_sft, print_json, state
+from sftkit.cli.context import activity, console, err_console, load_sft, print_json, state
 from sftkit.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -103,7 +102,7 @@ index arrays, no model is loaded. SFTs trained on different base models are refu
         plots.check_path(plot)
 
     st = state(ctx)
-    with err_console.status("loading SFTs…", spinner="dots") if not st.quiet else nullcontext():
+    with activity(ctx, "loading SFTs"):
         subjects = [_load(ctx, ref) for ref in refs]
         task_subjects = [_load(ctx, ref) for ref in task_refs]
 

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sftkit.cli.context import console, err_console, print_json, progress, resolve, state
+from sftkit.cli.context import activity, console, err_console, print_json, resolve, state
+from sftkit.cli.training_progress import training_reporter
 from sftkit.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -36,7 +37,12 @@ EXAMPLES_TRAIN = """
   sftkit train --lang ace --no-sparse-phase --k all …           [dim]# w/o magnitude pruning + sparse FT[/dim]
 
 An interrupted run continues with the same command plus [b]--resume[/b]. Recipes: paper-lang, paper-sa,
-paper-nli (the paper's Appendix C) and quick (CPU smoke test); flags override any recipe value.
+paper-nli (the paper's Appendix C) and quick (CPU smoke test: 10 steps of 8 × 64 tokens per phase, a
+language SFT on multilingual-e5-small in under 3 minutes); flags override any recipe value.
+
+Off a terminal (a log file, nohup, SLURM, CI) progress is printed as plain lines: each phase's step, loss,
+learning rate, tokens/s, elapsed time and ETA every SFTKIT_LOG_INTERVAL seconds (default 30), and every
+validation; -q silences them.
 """
 
 EXAMPLES_EVAL = """
@@ -50,51 +56,6 @@ EXAMPLES_EVAL = """
 
 _WHAT, _METHOD, _DATA, _SCHEDULE, _OUTPUT = "What to train", "Method", "Data", "Schedule (overrides)", "Output"
 _MODES = "Training modes (multi-source, the paper's ablations, accumulation, batching, precision)"
-
-
-class _RichReporter:
-    """One progress bar per phase showing the step, the training loss and the last validation metric."""
-
-    def __init__(self, bar: Any, metric: str) -> None:
-        self.bar, self.metric, self.task = bar, metric, None
-
-    def phase_started(self, phase: str, total_steps: int, done_steps: int) -> None:
-        description = {"full": "full fine-tuning", "sparse": "sparse phase"}.get(phase, phase)
-        self.task = self.bar.add_task(description, total=total_steps, completed=done_steps, loss="–", score="–")
-
-    def step(self, step: int, loss: float) -> None:
-        self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
-
-    def evaluated(self, step: int, metrics: dict[str, Any]) -> None:
-        self.bar.update(self.task, score=f"val {self.metric} {metrics[self.metric]:.4f}")
-
-    def phase_finished(self, phase: str, summary: dict[str, Any]) -> None:
-        if phase not in ("full", "sparse"):  # the head warm-up: no validation, a loss trend
-            message = f"{phase}: {summary['steps']} steps, MLM loss {summary['first_loss']:.4f} → {summary['loss']:.4f}"
-            self.bar.console.print(message, highlight=False)
-            return
-        best, step = summary.get(self.metric), f"{summary['best_step']}/{summary['steps']}"
-        message = f"{phase} phase: best validation {self.metric} {best:.4f} at step {step}"
-        self.bar.console.print(message, highlight=False)
-
-    def note(self, message: str) -> None:
-        self.bar.console.print(message, highlight=False)
-
-
-def _progress_bar(ctx: typer.Context) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = progress(ctx, transient=False)
-    bar.columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[score]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    return bar
 
 
 def _home(ctx: typer.Context) -> Path:
@@ -208,7 +169,7 @@ def train_command(
         typer.Option(
             "--head-warmup-steps",
             help="Language SFTs: fit a freshly initialised MLM head (mE5, MiniLM…) for N steps with the encoder "
-            "frozen before phase 1 (default: 200 when the base has no MLM head, else 0; 0 = off).",
+            "frozen before phase 1 (default: 200 when the base has no MLM head, else 0; 0 = off; --max-steps caps it).",
             rich_help_panel=_METHOD,
         ),
     ] = None,
@@ -260,7 +221,10 @@ def train_command(
         str | None, typer.Option(help="Label column (default label).", rich_help_panel=_DATA)
     ] = None,
     epochs: Annotated[float | None, typer.Option(rich_help_panel=_SCHEDULE)] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Cap on steps per phase.", rich_help_panel=_SCHEDULE)] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(help="Cap on steps per phase, the head warm-up included.", rich_help_panel=_SCHEDULE),
+    ] = None,
     min_steps: Annotated[int | None, typer.Option(help="Floor on steps per phase.", rich_help_panel=_SCHEDULE)] = None,
     batch_size: Annotated[
         int | None,
@@ -321,8 +285,22 @@ def train_command(
     ] = None,
     resume: Annotated[
         bool,
-        typer.Option("--resume", help="Continue the interrupted run of this exact command.", rich_help_panel=_OUTPUT),
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted run of this exact command from its last checkpoint (it says which phase "
+            "and step).",
+            rich_help_panel=_OUTPUT,
+        ),
     ] = False,
+    checkpoint_minutes: Annotated[
+        float,
+        typer.Option(
+            "--checkpoint-minutes",
+            min=0,
+            help="Also checkpoint after this many minutes without one, in every phase (0: only at evaluations).",
+            rich_help_panel=_OUTPUT,
+        ),
+    ] = 10.0,  # trainer.DEFAULT_CHECKPOINT_MINUTES (importing it here would load torch at start-up)
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Also save the SFT directory here.", rich_help_panel=_OUTPUT)
     ] = None,
@@ -444,10 +422,8 @@ those (memory ∝ k). The result is registered and its reference printed.
     from sftkit.training import train
 
     st = state(ctx)
-    bar = _progress_bar(ctx) if main_process and not st.quiet else None
     try:
-        with bar if bar is not None else nullcontext():
-            reporter = _RichReporter(bar, config.best_metric) if bar is not None else None
+        with training_reporter(ctx, config.best_metric) if main_process else nullcontext() as reporter:
             result = train(
                 config,
                 source=source_sft,
@@ -458,13 +434,22 @@ those (memory ∝ k). The result is registered and its reference printed.
                 resume=resume,
                 reporter=reporter,
                 full_phase_cache=_home(ctx) / "full-phase" if reuse_full_phase else None,
+                checkpoint_minutes=checkpoint_minutes,
             )
     except KeyboardInterrupt:
         if main_process:
             from sftkit.training.checkpoint import RunDirectory
 
             if RunDirectory(work_dir).has_progress():
-                err_console.print(f"checkpoints kept in {work_dir}: run the same command with --resume to continue")
+                phase, step = RunDirectory(work_dir).resume_point()
+                # No step yet: what is kept is the stage before (the selection, or the fitted warm-up head).
+                before = "full phase done" if phase == "sparse" else "head warm-up done"
+                kept = f"{phase} phase, step {step}" if step else before
+                err_console.print(
+                    f"checkpoints kept in {work_dir} ({kept}): run the same command with --resume to continue",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             else:
                 RunDirectory(work_dir).remove()
                 err_console.print("interrupted before the first checkpoint: nothing to resume")
@@ -483,6 +468,7 @@ those (memory ∝ k). The result is registered and its reference printed.
             + _language_summary(sft)
             + (f" → saved to {output}" if output else ""),
             highlight=False,
+            soft_wrap=True,  # one line in a log
         )
     if no_register:
         console.print(str(output))
@@ -606,7 +592,7 @@ def eval_command(
         "label_column": label_column,
     }
     st = state(ctx)
-    with err_console.status("evaluating…", spinner="dots") if not st.quiet else nullcontext():
+    with activity(ctx, f"evaluating {target} on {data}"):
         if (directory / "config.json").is_file():
             scores = evaluate(directory, data, **options)
             what = str(directory)
@@ -673,7 +659,7 @@ def _eval_tagger(
         "tags_key": tags_column if tags_column != "label" else "tags",
     }
     st = state(ctx)
-    with err_console.status("evaluating…", spinner="dots") if not st.quiet else nullcontext():
+    with activity(ctx, f"evaluating {target} on {data}"):
         if (directory / "config.json").is_file():
             scores, what = evaluate_tagger(directory, data, **options), str(directory)
         else:

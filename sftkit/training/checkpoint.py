@@ -5,7 +5,7 @@ Layout::
     run.json                      configuration, data fingerprints, lineage (a resume must match it)
     <phase>/checkpoint/           last checkpoint: state.safetensors, optimizer.pt, scheduler.pt, progress.json
     <phase>/best.safetensors      best state so far by the validation metric
-    <phase>/done.json             the phase finished; its metrics
+    <phase>/done.json             the phase finished; its metrics (head-warm-up/: the fitted fresh MLM head)
     selection.safetensors / .json the mask chosen after the full phase, and the rank report
 
 Only the main process writes. Files are written to a temporary name and renamed; the checkpoint
@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +33,24 @@ from sftkit.atomic import atomic_directory
 from sftkit.errors import BadInputError
 
 MANIFEST = "run.json"
+WARM_UP_ENTRY = "head-warm-up"  # a language run's fitted fresh MLM head and its record
+
+
+class CheckpointClock:
+    """Says when a checkpoint is due by time, so long stretches between evaluations lose little to a crash.
+
+    ``minutes`` None or 0: never (checkpoints only at evaluations).
+    """
+
+    def __init__(self, minutes: float | None) -> None:
+        self.seconds = minutes * 60 if minutes else None
+        self.restart()
+
+    def restart(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.seconds is not None and time.monotonic() - self.last >= self.seconds
 
 
 @contextmanager
@@ -96,8 +115,16 @@ class RunDirectory:
         """Whether a resume would skip any work: a checkpoint, a finished phase or a selection is stored."""
         phases = ("full", "sparse")
         stored = [self.path / phase / "checkpoint" for phase in phases]
-        stored += [self.path / phase / "done.json" for phase in phases] + [self.path / "selection.json"]
+        stored += [self.path / phase / "done.json" for phase in (WARM_UP_ENTRY, *phases)]
+        stored.append(self.path / "selection.json")
         return any(path.exists() for path in stored)
+
+    def resume_point(self) -> tuple[str, int]:
+        """(phase, step) a resume continues from: the sparse phase once a mask is selected, else the full one."""
+        phase = "sparse" if (self.path / "selection.json").is_file() else "full"
+        progress = self.path / phase / "checkpoint" / "progress.json"
+        with _damaged_is_bad_input(self.path):
+            return phase, json.loads(progress.read_text())["step"] if progress.is_file() else 0
 
     def remove(self) -> None:
         if self.writer:

@@ -92,7 +92,7 @@ class TrainConfig:
     # decoder then moves with the embeddings and pushes every vocabulary row).
     freeze_decoder: bool = True
     # Steps fitting a freshly initialised MLM head with the encoder frozen before phase 1; None = automatic
-    # (HEAD_WARMUP_STEPS when the base lacks an MLM head, else 0); 0 = off.
+    # (HEAD_WARMUP_STEPS when the base lacks an MLM head, else 0); 0 = off. max_steps caps it too.
     head_warmup_steps: int | None = None
     head_warmup_lr: float = 1e-3
     metric: str | None = None
@@ -324,6 +324,18 @@ class TrainConfig:
     def effective_batch_size(self) -> int:
         """Examples per optimiser step."""
         return self.batch_size * self.grad_accum
+
+    def head_warmup_for(self, fresh_head: bool, capped: bool = True) -> int:
+        """Head warm-up steps of a run whose base lacks (``fresh_head``) or has an MLM head.
+
+        ``max_steps`` caps it like every phase (``capped``), so a smoke run's ``--max-steps`` bounds the
+        whole run rather than leaving 200 warm-up steps on a 250 k-row vocabulary.
+        """
+        if self.head_warmup_steps is not None:
+            steps = self.head_warmup_steps
+        else:
+            steps = HEAD_WARMUP_STEPS if fresh_head and self.kind == "language" else 0
+        return min(steps, self.max_steps) if capped and self.max_steps is not None else steps
 
     def total_steps(self, examples: int) -> int:
         """Optimiser steps of one phase for ``examples`` training examples (LT-SFT's rule)."""

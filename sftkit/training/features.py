@@ -13,7 +13,7 @@ token costs as much as a real one, and random batches of long-tailed sentences a
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -217,3 +217,9 @@ class TaggingCollator:
 def fixed_batches(items: Sequence[Item], collator: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Validation batches collated once (with fixed MLM masks), so every evaluation scores the same task."""
     return [dict(collator(list(items[i : i + batch_size]))) for i in range(0, len(items), batch_size)]
+
+
+def batch_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Input tokens of a batch, padding excluded: what a throughput figure should count."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()

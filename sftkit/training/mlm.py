@@ -23,6 +23,7 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from sftkit.params import encoder_of
+from sftkit.training.features import batch_tokens
 
 # Attribute names of the module that maps hidden states to vocabulary logits, per architecture family
 # (XLM-R/RoBERTa: ``lm_head``; BERT: ``cls``); each is applied position-wise, so it can run on any subset.
@@ -66,14 +67,14 @@ def warm_up_head(
     batch_at: Callable[[int], Mapping[str, torch.Tensor]],
     steps: int,
     lr: float,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float, float, int], None] | None = None,
 ) -> list[float]:
     """Fit a fresh MLM head with the encoder frozen; returns the losses.
 
     The encoder's parameters stop requiring grad for the duration (so autograd builds no graph through
     it, and a tied decoder, an encoder tensor, stays put) and get their flags back afterwards. AdamW
     with a linear decay to 0 over ``steps``; ``batch_at(step)`` supplies the batches, so the caller
-    controls their order and seeding.
+    controls their order and seeding. ``on_step(step, loss, lr, tokens)`` follows progress.
     """
 
     if mlm_head_of(model) is None:
@@ -88,14 +89,15 @@ def warm_up_head(
         for param in encoder_params:
             param.requires_grad_(False)
         for step in range(steps):
-            loss = masked_lm_loss(model, batch_at(step))
+            batch, lr = batch_at(step), scheduler.get_last_lr()[0]
+            loss = masked_lm_loss(model, batch)
             loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if on_step is not None:
-                on_step(step + 1, losses[-1])
+                on_step(step + 1, losses[-1], lr, batch_tokens(batch))
     finally:
         for param, flag in zip(encoder_params, flags, strict=True):
             param.requires_grad_(flag)

@@ -36,13 +36,14 @@ from sftkit.errors import BadInputError, BaseMismatchError, SftkitError
 from sftkit.fingerprint import base_fingerprint
 from sftkit.params import encoder_of, head_parameters, is_maskable_name, maskable_parameters
 from sftkit.sft import SFTMetadata, SparseDelta, SparseFineTuning
-from sftkit.training.checkpoint import RunDirectory
-from sftkit.training.config import HEAD_WARMUP_STEPS, TrainConfig
+from sftkit.training.checkpoint import WARM_UP_ENTRY, CheckpointClock, RunDirectory
+from sftkit.training.config import TrainConfig
 from sftkit.training.distributed import Dist
 from sftkit.training.evaluation import confusion_of, scores, tag_counts_of
 from sftkit.training.features import (
     IGNORE,
     BatchOrder,
+    batch_tokens,
     fixed_batches,
     make_collator,
 )
@@ -55,6 +56,9 @@ from sftkit.training.streams import Stream, applied, sources_digest, step_schedu
 from sftkit.training.token_metrics import tag_scores
 
 PHASES = ("full", "sparse")
+WARM_UP = "head warm-up"  # fitting a fresh MLM head before phase 1
+# Checkpoints also this often (minutes), not only at evaluations: an interrupted run loses little.
+DEFAULT_CHECKPOINT_MINUTES = 10.0
 HEAD_TYPES = {"language": "masked-lm", "task": "sequence-classification", "token": "token-classification"}
 # What a token task's validation reports (``token_metrics.tag_scores``; entity scores for NER only).
 TOKEN_SCORES = ("entity_f1", "entity_precision", "entity_recall", "accuracy", "macro_f1")
@@ -66,10 +70,14 @@ def _head_type(config: TrainConfig) -> str:
 
 
 class Reporter(Protocol):
-    """Progress events (only the main process reports); the CLI renders them with rich."""
+    """Progress events (only the main process reports); the CLI renders them as bars or log lines.
+
+    ``step`` gets the learning rate the step used and the input tokens it processed (padding excluded,
+    all processes together), so a reporter can show throughput without knowing the batches.
+    """
 
     def phase_started(self, phase: str, total_steps: int, done_steps: int) -> None: ...
-    def step(self, step: int, loss: float) -> None: ...
+    def step(self, step: int, loss: float, lr: float, tokens: int) -> None: ...
     def evaluated(self, step: int, metrics: dict[str, Any]) -> None: ...
     def phase_finished(self, phase: str, summary: dict[str, Any]) -> None: ...
     def note(self, message: str) -> None: ...
@@ -79,7 +87,7 @@ class NullReporter:
     def phase_started(self, phase: str, total_steps: int, done_steps: int) -> None:
         pass
 
-    def step(self, step: int, loss: float) -> None:
+    def step(self, step: int, loss: float, lr: float, tokens: int) -> None:
         pass
 
     def evaluated(self, step: int, metrics: dict[str, Any]) -> None:
@@ -130,6 +138,7 @@ def train(
     keep_work_dir: bool = False,
     reporter: Reporter | None = None,
     full_phase_cache: str | Path | None = None,
+    checkpoint_minutes: float | None = DEFAULT_CHECKPOINT_MINUTES,
 ) -> TrainResult:
     """Train one SFT as ``config`` says.
 
@@ -143,7 +152,8 @@ def train(
     checkpoints (a temporary directory by default); ``resume`` continues the interrupted run in it.
     The run directory is removed after success unless ``keep_work_dir``. ``full_phase_cache``: a
     directory where phase 1 is looked up and stored, shared by runs that differ only in method, rank,
-    keep or k (``sftkit.training.full_phase_cache``).
+    keep or k (``sftkit.training.full_phase_cache``). ``checkpoint_minutes``: also checkpoint when this
+    much time has passed since the last checkpoint, not only at evaluations (None or 0: only there).
     """
     dist = Dist.from_environment()
     try:
@@ -159,6 +169,7 @@ def train(
             work_dir,
             resume,
             FullPhaseCache(full_phase_cache) if full_phase_cache is not None else None,
+            checkpoint_minutes,
         )
         sft = run.execute()
         if work_dir is None or not keep_work_dir:
@@ -226,10 +237,7 @@ def _load_model(
     fresh_head = [name for name in missing if not name.startswith(prefix)]
     frozen = untie_decoder(model, freeze=True) if language_mode and cfg.freeze_decoder else None
     head = [(name, p) for name, p in unique_head_parameters(model) if p is not frozen]
-    if language_mode and cfg.head_warmup_steps is None:
-        warmup_steps = HEAD_WARMUP_STEPS if fresh_head else 0
-    else:
-        warmup_steps = cfg.head_warmup_steps or 0
+    warmup_steps = cfg.head_warmup_for(bool(fresh_head)) if language_mode else 0
     if source is not None:
         _check_source(source, fingerprint, cfg)
         source.apply(model, with_head=False)
@@ -433,6 +441,7 @@ class _Run:
     run_dir: RunDirectory  # checkpoints, best states, the selection
     resuming: bool
     full_cache: FullPhaseCache | None
+    checkpoint_minutes: float | None  # checkpoint also when this long since the last one
     # Filled in as the run goes on:
     head_warmup: dict[str, Any] = field(default_factory=dict)  # the warm-up's record
 
@@ -450,6 +459,7 @@ class _Run:
         work_dir: str | Path | None,
         resume: bool,
         full_cache: FullPhaseCache | None,
+        checkpoint_minutes: float | None,
     ) -> _Run:
         """Load the tokenizer, the data and θ_start, and open the run directory."""
         device = dist.device(config.device)
@@ -523,7 +533,7 @@ class _Run:
         resuming = run_dir.start(manifest, resume)
         dist.barrier()
         if resuming:
-            reporter.note(f"resuming the run in {run_dir.path}")
+            reporter.note(f"resuming the run in {run_dir.path}: {_resume_point(run_dir, total_steps, start)}")
         digest = source.delta_digest() if source is not None else (sources_digest(sfts) if sfts else None)
         return cls(
             config=config,
@@ -553,6 +563,7 @@ class _Run:
             run_dir=run_dir,
             resuming=resuming,
             full_cache=full_cache,
+            checkpoint_minutes=checkpoint_minutes,
         )
 
     def _capture_start(self) -> dict[str, torch.Tensor]:
@@ -568,9 +579,15 @@ class _Run:
         self.head_warmup = {"steps": steps, "fresh_head_weights": self.fresh_head}
         if not steps:
             return
+        if self.resuming and (done := self.run_dir.done(WARM_UP_ENTRY)) is not None:
+            self._load_head(self.run_dir.load_best(WARM_UP_ENTRY))  # fitted before the interruption: not again
+            self.head_warmup = done
+            return
         cfg = self.config
-        self.reporter.note(f"fitting the fresh MLM head for {steps} steps with the encoder frozen")
-        self.reporter.phase_started("head warm-up", steps, 0)
+        wanted = cfg.head_warmup_for(bool(self.fresh_head), capped=False)
+        capped = f" (max steps caps the {wanted})" if wanted > steps else ""
+        self.reporter.note(f"fitting the fresh MLM head for {steps} steps{capped} with the encoder frozen")
+        self.reporter.phase_started(WARM_UP, steps, 0)
 
         items = self.streams[0].items  # a language SFT: one stream
         whole = BatchOrder(len(items), cfg.batch_size, cfg.seed)  # every process: the same batches
@@ -582,7 +599,10 @@ class _Run:
 
         losses = warm_up_head(self.model, self.head, batch_at, steps, cfg.head_warmup_lr, self.reporter.step)
         self.head_warmup.update({"lr": cfg.head_warmup_lr, "first_loss": losses[0], "last_loss": losses[-1]})
-        self.reporter.phase_finished("head warm-up", {"steps": steps, "first_loss": losses[0], "loss": losses[-1]})
+        if self.dist.is_main:
+            self.run_dir.save_best(WARM_UP_ENTRY, {name: param for name, param in self.head})
+            self.run_dir.mark_done(WARM_UP_ENTRY, self.head_warmup)
+        self.reporter.phase_finished(WARM_UP, {"steps": steps, "first_loss": losses[0], "loss": losses[-1]})
 
     # ------------------------------------------------------------------ the run
     def execute(self) -> SparseFineTuning:
@@ -626,7 +646,7 @@ class _Run:
         else:
             masks, selection_info = selection
             summaries["full"] = self.run_dir.done("full") or {}
-            self.head_warmup = self.run_dir.done("head-warm-up") or {}
+            self.head_warmup = self.run_dir.done(WARM_UP_ENTRY) or {}
             self._load_head(self.run_dir.load_best("start"))
             head_end = self.run_dir.load_best("head-end")
             start = self._capture_start()
@@ -684,7 +704,7 @@ class _Run:
         if self.dist.is_main:
             self.run_dir.save_best("start", full.head_start)
             self.run_dir.save_best("head-end", full.head_end)
-            self.run_dir.mark_done("head-warm-up", self.head_warmup)
+            self.run_dir.mark_done(WARM_UP_ENTRY, self.head_warmup)
 
     @torch.no_grad()
     def _load_head(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -751,10 +771,19 @@ class _Run:
             scheduler.load_state_dict(scheduler_state)
             if scaler is not None and "grad_scaler" in progress:
                 scaler.load_state_dict(progress["grad_scaler"])  # fp16: resume with the loss scale reached
+
+        def save_checkpoint(step: int) -> None:
+            progress["step"] = step
+            if scaler is not None:
+                progress["grad_scaler"] = scaler.state_dict()
+            self.run_dir.save_checkpoint(name, phase.state(), optimizer, scheduler, progress)
+
         self.reporter.phase_started(name, self.total_steps, progress["step"])
+        clock = CheckpointClock(self.checkpoint_minutes)
         self.model.train()
         for step in range(progress["step"], self.total_steps):
             stream, batches = self._micro_batches(index, step)
+            lr, tokens = scheduler.get_last_lr()[0], sum(batch_tokens(batch) for batch in batches) * self.dist.world
             with applied(stream.sft, self.model):  # a multi-source batch: its language's SFT, exactly undone
                 loss = self._accumulate(phase, batches, scaler)
             regulariser = phase.regularisation()  # on θ itself, once per step, after every micro-batch
@@ -773,19 +802,20 @@ class _Run:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             phase.after_step()
-            self.reporter.step(step + 1, loss)
+            self.reporter.step(step + 1, loss, lr, tokens)
             if (step + 1) % cfg.eval_steps == 0 or step + 1 == self.total_steps:
                 metrics = self._evaluate()
                 progress["history"].append({"step": step + 1, **metrics})
                 if _better(metric, metrics[metric], progress["best"]):
                     progress["best"], progress["best_step"] = metrics[metric], step + 1
                     self.run_dir.save_best(name, phase.state())
-                progress["step"] = step + 1
-                if scaler is not None:
-                    progress["grad_scaler"] = scaler.state_dict()
-                self.run_dir.save_checkpoint(name, phase.state(), optimizer, scheduler, progress)
+                save_checkpoint(step + 1)
+                clock.restart()
                 self.reporter.evaluated(step + 1, metrics)
                 self.dist.barrier()
+            elif self.dist.is_main and clock.due():  # only the main process writes: no barrier needed
+                save_checkpoint(step + 1)
+                clock.restart()
         phase.load_state(self.run_dir.load_best(name))
         summary = {
             "steps": self.total_steps,
@@ -949,6 +979,16 @@ class _Run:
         digests = self.dist.gather(sft.delta_digest())
         if len(set(digests)) != 1:
             raise SftkitError(f"the {self.dist.world} processes ended with different SFTs: {digests}")
+
+
+def _resume_point(run_dir: RunDirectory, total_steps: int, start: _StartModel) -> str:
+    """Where a resumed run continues, in words: the phase and the step of its last checkpoint."""
+    phase, step = run_dir.resume_point()
+    if step:
+        return f"{phase} phase at step {step} of {total_steps}"
+    if phase == "full" and start.head_warmup_steps and run_dir.done(WARM_UP_ENTRY) is None:
+        return f"from the start ({WARM_UP} first)"
+    return f"{phase} phase from its start"
 
 
 def _length(item: Mapping[str, Any]) -> int:
