@@ -31,30 +31,16 @@ METHODS = {"deftx": "90var", "lt-sft": "none"}  # method → rank spec
 DEMO_MARKER = ".sftkit-demo"
 SIZES = {"corpus": 1500, "train": 1200, "validation": 300, "test": 400}
 # Every setting that decides a number is spelled out here rather than taken from the ``quick`` recipe, so
-# the demo does not drift when the recipe does. Learning rates are those of a pretrained θ0, far below the
-# 1e-2 a random toy θ0 needed: a language SFT adapts θ0, it must not overwrite what pretraining built.
+# the demo does not drift when the recipe does. Learning rates are θ0's pretraining peak (1e-3) and 2× it for
+# the task, far below the 1e-2 a random toy θ0 needed: an SFT adapts θ0, it must not overwrite what
+# pretraining built. k is the paper's share of the maskable entries, L1 0.1 its language-SFT weight.
 SCHEDULES = {
-    "language": {"lr": 1e-3, "max_steps": 100, "eval_steps": 25, "batch_size": 32, "max_length": 64, "k": 0.05},
-    "task": {"lr": 1e-3, "max_steps": 200, "eval_steps": 50, "batch_size": 32, "max_length": 64, "k": 0.05},
+    "language": {
+        **{"lr": 1e-3, "max_steps": 100, "eval_steps": 25, "batch_size": 32, "max_length": 64},
+        **{"k": 0.028, "l1": 0.1},
+    },
+    "task": {"lr": 2e-3, "max_steps": 300, "eval_steps": 75, "batch_size": 32, "max_length": 64, "k": 0.051},
 }
-
-
-def _knobs() -> None:
-    """Exploration only: SFTKIT_DEMO_KNOBS='{"SCHEDULES": {...}}' overrides the above."""
-    import json
-    import os
-
-    knobs = json.loads(os.environ.get("SFTKIT_DEMO_KNOBS", "{}"))
-    for name, values in knobs.items():
-        target = globals()[name]
-        for key, value in values.items():
-            if isinstance(value, dict):
-                target[key].update(value)
-            else:
-                target[key] = value
-
-
-_knobs()
 
 
 def _step_reporter(bar: Any, task: Any) -> Any:
