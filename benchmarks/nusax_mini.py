@@ -282,12 +282,16 @@ class State:
 
 
 class Experiment:
-    def __init__(self, budget: Budget, base_dir: str, seeds: int, directory: Path, device: str = "cpu") -> None:
+    def __init__(
+        self, budget: Budget, base_dir: str, seeds: int, directory: Path, device: str = "cpu", fit_head: bool = True
+    ) -> None:
+        """``fit_head=False``: θ0 is ``base_dir`` as it is (a planner that only counts steps trains nothing)."""
         self.budget, self.seeds, self.directory, self.device = budget, list(range(seeds)), directory, device
         directory.mkdir(parents=True, exist_ok=True)
         self.smsa = {split: nusax_data.clean_smsa(split) for split in ("train", "valid")}
         self.source_base = base_dir
-        self.base = str(self.fitted_base(base_dir))  # θ0: the base with its MLM head fitted (every SFT's base)
+        # θ0: the base with its MLM head fitted (every SFT's base)
+        self.base = str(self.fitted_base(base_dir)) if fit_head else base_dir
         (directory / "budget.json").write_text(
             json.dumps({**asdict(budget), "base_dir": base_dir, "fitted_base": self.base}, indent=1)
         )
@@ -900,7 +904,7 @@ def markdown(table: dict[str, dict[str, tuple]], budget: Budget, seeds: list[int
     return "\n".join(lines)
 
 
-def overlap(experiment: Experiment, figures: Path):
+def overlap(experiment: Experiment, figures: Path, suffix: str = ""):
     """Fig. 2: overlap of each target's language SFT with the (seed 0) task SFT, per method."""
     from sftkit.overlap import Labelled, overlap_by_method
     from sftkit.plots import plot_methods
@@ -911,7 +915,7 @@ def overlap(experiment: Experiment, figures: Path):
         for language in experiment.budget.targets:
             triples.append((Labelled(experiment.language_sft(language, method), language), task, method))
     comparison = overlap_by_method(triples)
-    plot_methods(comparison, figures / "nusax_mini_overlap.png")
+    plot_methods(comparison, figures / f"nusax_mini_overlap{suffix}.png")  # beside the earlier figures
     return comparison
 
 
@@ -1150,7 +1154,7 @@ def paper_plan(experiment: Experiment, seeds: int) -> dict[str, Any]:
         "language sparse step": PAPER_GPU_SECONDS["language step"],
         "task step": PAPER_GPU_SECONDS["task step"],
         "task sparse step": PAPER_GPU_SECONDS["task step"],
-        "task validation (300 rows)": 1180 * PAPER_GPU_SECONDS["test row"],  # all of the cleaned SMSA valid
+        "task validation (300 rows)": len(experiment.task_validation()) * PAPER_GPU_SECONDS["test row"],  # all
         "test language (400 rows)": 400 * PAPER_GPU_SECONDS["test row"],
         "language validation (5 % held out)": 1.0,
         "compose": 5.0,
@@ -1159,8 +1163,9 @@ def paper_plan(experiment: Experiment, seeds: int) -> dict[str, Any]:
     plan["cost_one_gpu_minutes (assumed seconds per step)"] = cost_estimate(b, seeds, gpu, steps)
     plan["gpu_seconds_assumed"] = gpu
     cpu = dict(MEASURED_SECONDS)  # the language steps carry 2 × the core's tokens (256 vs 128)
-    cpu["language step"] *= 2
-    cpu["language sparse step"] *= 2
+    for part in ("language step", "language sparse step", "head-fit step"):
+        cpu[part] *= 2
+    cpu["task validation (300 rows)"] *= len(experiment.task_validation()) / 300  # all of SMSA valid
     plan["cost_this_cpu_minutes (measured per step, scaled by tokens)"] = cost_estimate(b, seeds, cpu, steps)
     return plan
 
@@ -1213,7 +1218,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = None
     if args.paper_budget:
         with quiet_transformers():
-            planner = Experiment(budget, base_dir, args.seeds, OUT / f"paper-plan-{name}-{budget.digest()}", device)
+            directory = OUT / f"paper-plan-{name}-{budget.digest()}"
+            planner = Experiment(budget, base_dir, args.seeds, directory, device, fit_head=False)
             plan = {"budget": asdict(budget), "setting": setting, **paper_plan(planner, args.seeds)}
         RECORDS.mkdir(exist_ok=True)
         (RECORDS / f"{record_stem}_paper_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
@@ -1246,7 +1252,8 @@ def main(argv: list[str] | None = None) -> int:
                 experiment.run_core()
             if part == "extras":
                 experiment.run_extras()
-            comparison = overlap(experiment, figures) if part != "ablations" else None
+            figure_suffix = f"_{setting}" + ("" if name == "me5-small" else f"_{name}")
+            comparison = overlap(experiment, figures, figure_suffix) if part != "ablations" else None
             goals = language_goals(experiment) if part != "ablations" else None
     except SftkitError as exc:
         fail(str(exc))
