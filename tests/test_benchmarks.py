@@ -107,3 +107,144 @@ def test_nusax_mini_refuses_a_base_that_is_not_xlmr(tmp_path, tiny_base):
             pytest.skip("NusaX is not available")
         assert done.returncode == 2, done.stderr
         assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def _nusax_mini():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import nusax_mini
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return nusax_mini
+
+
+def _plain_macro_f1(gold, predicted, num_labels=3):
+    """The obvious implementation: per-class precision, recall, F1, averaged over the classes that occur."""
+    f1s = []
+    for label in range(num_labels):
+        tp = sum(g == label and p == label for g, p in zip(gold, predicted, strict=True))
+        n_gold, n_predicted = gold.count(label), predicted.count(label)
+        if n_gold == 0 and n_predicted == 0:
+            continue
+        precision = tp / n_predicted if n_predicted else 0.0
+        recall = tp / n_gold if n_gold else 0.0
+        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    return sum(f1s) / len(f1s) if f1s else 0.0
+
+
+def _plain_bootstrap(cells, resamples, seed):
+    """Loops: the same row ids for every cell per resample, drawn as paired_bootstrap draws them."""
+    import numpy as np
+
+    n = len(cells[0][0])
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    effects = []
+    for ids in draws:
+        total = 0.0
+        for gold, a, b in cells:
+            g, x, y = ([values[i] for i in ids] for values in (gold, a, b))
+            total += _plain_macro_f1(g, x) - _plain_macro_f1(g, y)
+        effects.append(100 * total / len(cells))
+    return effects
+
+
+def _predictions(rng, gold, accuracy):
+    """Each row right with probability ``accuracy``, else a uniformly wrong label."""
+    return [g if rng.random() < accuracy else (g + rng.randrange(1, 3)) % 3 for g in gold]
+
+
+def test_nusax_mini_bootstrap_matches_a_plain_implementation():
+    import random
+
+    import numpy as np
+
+    from sftkit.training.evaluation import confusion_matrix, scores
+
+    nusax_mini = _nusax_mini()
+    rng = random.Random(7)
+    gold = [rng.randrange(3) for _ in range(60)]
+    cells = [(gold, _predictions(rng, gold, 0.7), _predictions(rng, gold, 0.6)) for _ in range(3)]
+    for _, a, _b in cells:  # the vectorised macro-F1 is sftkit's (and the plain one)
+        import torch
+
+        expected = scores(confusion_matrix(torch.tensor(gold), torch.tensor(a), 3), ["n", "u", "p"])["macro_f1"]
+        assert nusax_mini.macro_f1_rows([gold], [a], 3)[0] == pytest.approx(expected)
+        assert _plain_macro_f1(gold, a) == pytest.approx(expected)
+    missing = [0, 0, 1, 1]  # a class absent from gold and predictions is left out of the average
+    assert nusax_mini.macro_f1_rows([missing], [[0, 1, 1, 1]], 3)[0] == pytest.approx(
+        _plain_macro_f1(missing, [0, 1, 1, 1])
+    )
+    result = nusax_mini.paired_bootstrap(cells, resamples=200, seed=3)
+    plain = _plain_bootstrap(cells, 200, 3)
+    observed = 100 * np.mean([_plain_macro_f1(g, a) - _plain_macro_f1(g, b) for g, a, b in cells])
+    assert result["effect"] == pytest.approx(observed)
+    assert result["low"] == pytest.approx(np.percentile(plain, 2.5))
+    assert result["high"] == pytest.approx(np.percentile(plain, 97.5))
+    assert result["resamples"] == 200 and result["cells"] == 3
+    with pytest.raises(ValueError, match="same number of test rows"):
+        nusax_mini.paired_bootstrap([(gold, gold, gold), (gold[:10], gold[:10], gold[:10])])
+
+
+def test_nusax_mini_bootstrap_tells_an_effect_from_none():
+    nusax_mini = _nusax_mini()
+    import random
+
+    rng = random.Random(11)
+    gold = [rng.randrange(3) for _ in range(400)]
+    strong = [(gold, _predictions(rng, gold, 0.85), _predictions(rng, gold, 0.55)) for _ in range(3)]
+    clear = nusax_mini.paired_bootstrap(strong, resamples=500, seed=0)
+    assert clear["effect"] > 20 and clear["low"] > 0 and clear["distinguishable"]
+    reversed_ = nusax_mini.paired_bootstrap([(g, b, a) for g, a, b in strong], resamples=500, seed=0)
+    assert reversed_["high"] < 0 and reversed_["distinguishable"]
+    same = [(gold, p, list(p)) for p in (_predictions(rng, gold, 0.7) for _ in range(3))]
+    zero = nusax_mini.paired_bootstrap(same, resamples=500, seed=0)
+    assert zero["effect"] == 0 and zero["low"] == zero["high"] == 0 and not zero["distinguishable"]
+    # Two systems of equal skill that err on different rows: the CI straddles 0.
+    noisy = [(gold, _predictions(rng, gold, 0.7), _predictions(rng, gold, 0.7)) for _ in range(3)]
+    tie = nusax_mini.paired_bootstrap(noisy, resamples=500, seed=0)
+    assert tie["low"] < 0 < tie["high"] and not tie["distinguishable"]
+
+
+def test_nusax_mini_effects_pair_rows_of_the_state(tmp_path):
+    """effects() reads each row's stored predictions, per target and on average; markdown bolds a CI without 0."""
+    nusax_mini = _nusax_mini()
+    state = nusax_mini.State(tmp_path / "state.json")
+    gold = {"ace": [0, 1, 2, 0, 1, 2, 0, 1]}
+    lt, dx = nusax_mini.CORE_METHODS
+    for seed in (0, 1):
+        for row, predictions in (
+            (nusax_mini.alone_row(lt), [0, 0, 0, 0, 0, 0, 0, 0]),
+            (nusax_mini.composed_row(lt), gold["ace"]),
+            (nusax_mini.alone_row(dx), gold["ace"]),
+            (nusax_mini.composed_row(dx), gold["ace"]),
+        ):
+            state.set_score(row, seed, "ace", {"macro_f1": 0.0, "accuracy": 0.0, "n": 8, "predictions": predictions})
+    table = nusax_mini.effects(nusax_mini.State(tmp_path / "state.json"), ("ace",), [0, 1], gold, resamples=100)
+    composition_lt, composition_dx, method, _ = nusax_mini.comparisons()
+    assert table[composition_lt]["ace"]["effect"] > 50 and table[composition_lt]["avg"]["distinguishable"]
+    assert table[composition_dx]["ace"]["effect"] == 0 and table[method]["ace"]["effect"] == 0
+    lines = nusax_mini.effects_markdown(table, ("ace",)).splitlines()
+    assert lines[0].endswith("| ace | avg |") and lines[2].count("**") == 4 and "**" not in lines[3]
+
+
+def test_nusax_mini_cost_estimate_and_settings():
+    nusax_mini = _nusax_mini()
+    core = nusax_mini.cost_estimate(nusax_mini.CORE, 3, nusax_mini.TWO_THREAD_SECONDS)
+    assert core["total"] <= 120  # the core's budget on 2 cores
+    assert nusax_mini.cost_estimate(nusax_mini.CORE, 3)["total"] > core["total"]  # 1 thread, loaded
+    parts = {key: value for key, value in core.items() if key != "total"}
+    assert sum(parts.values()) == pytest.approx(core["total"], abs=0.1 * len(parts))
+    table2 = nusax_mini.cost_estimate(replace_budget(nusax_mini.CORE, source_init=True), 3)
+    assert table2["language SFTs, phase 1 (shared)"] > core["language SFTs, phase 1 (shared)"]  # + φ_ind
+    assert not nusax_mini.CORE.source_init and nusax_mini.CORE.precision == "bf16"
+    assert nusax_mini.CORE.task_max_length >= 128 and nusax_mini.CORE.language_max_length >= 128
+    assert replace_budget(nusax_mini.CORE, source_init=True).digest() != nusax_mini.CORE.digest()
+    # the fitted base is shared by every budget with the same head fit
+    assert replace_budget(nusax_mini.CORE, task_steps=7).head_fit_digest() == nusax_mini.CORE.head_fit_digest()
+    assert nusax_mini.QUICK.head_fit_digest() != nusax_mini.CORE.head_fit_digest()
+
+
+def replace_budget(budget, **changes):
+    from dataclasses import replace
+
+    return replace(budget, **changes)
