@@ -13,8 +13,9 @@ How each piece maps onto the real setting (XLM-R, Indonesian → Acehnese / Bali
   words, and the targets ``ace`` and ``ban``. A target word is the source's (``ace`` 45 %, ``ban`` 30 %),
   else a relative's (30 %, 35 %), else the target's own (25 %, 35 %): most of a target's vocabulary is
   known to θ0 through its relatives, the rest θ0 has never seen, as XLM-R with Acehnese.
-- **θ0** (:func:`pretrain_base`): a tiny XLM-R-shaped encoder, masked-LM pretrained on the source and its
-  relatives, never on the targets, whose vocabulary covers the whole family. One world and one θ0 (world
+- **θ0** (:func:`pretrain_base`): a tiny XLM-R-shaped encoder, masked-LM pretrained on blocks of the
+  source and its relatives, with a little text of each target (1 % of the mix, as Acehnese in XLM-R's
+  data), its vocabulary covering the whole family. One world and one θ0 (world
   seed 0), as there is one XLM-R; it ships with sftkit (``sftkit/toy_base``, ≈ 0.5 MB), because its
   pretraining (minutes on one thread) would not fit a one-minute demo. ``python -m sftkit.toy`` rebuilds
   it bit for bit on one thread; ``build.json`` records what it was built from and its held-out MLM loss
@@ -48,14 +49,15 @@ _SYLLABLES = [c + v for c in "bcdfghjklmnprstwz" for v in "aeiou"]
 _N_CONCEPTS = 120
 _N_POLAR = 20  # concepts 0..19 are positive, 20..39 negative, the rest neutral
 _FOLLOW = 0.8  # probability that the next concept is one of the current one's successors
-# The family of ``make_family``: θ0 is pretrained on the source and its relatives; a target's words come
+# The family of ``make_family``: θ0 is pretrained mostly on the source and its relatives; a target's words come
 # from the source (first share), from a relative (second share), or are its own (the rest).
 WORLD_SEED = 0  # one world, as there is one XLM-R: a demo's --seed varies its data and training, not θ0
 RELATIVES = ("rel1", "rel2", "rel3")
 RELATIVE_COGNATE_RATE = 0.5
 TARGETS = {"ace": (0.45, 0.30), "ban": (0.30, 0.35)}
-# θ0's pretraining (``pretrain_base``): ~50 passes over 4 × 5 000 sentences; held-out MLM loss ≈ 2.5–3
-# on the pretraining languages (ln 422 ≈ 6.0 is a uniform guess over the vocabulary).
+# θ0's pretraining (``pretrain_base``): 6 000 steps of 16 blocks of 64 tokens, ≈ 25 passes over the mix;
+# held-out MLM loss ≈ 4.2–4.3 on the source and relatives, ≈ 5.0 on the targets (a uniform guess over the
+# 422-token vocabulary: 6.0). One thread, ≈ 6 minutes.
 PRETRAINING = {
     "steps": 6000,
     "batch_size": 16,

@@ -1,7 +1,7 @@
 """``sftkit demo``: the whole method, offline, on the embedded toy world (``sftkit.toy``).
 
 Starts from the toy θ0 that ships with sftkit (a tiny XLM-R-shaped encoder pretrained on a source
-language and its relatives, never on the targets: ``sftkit.toy`` says how the toy maps onto XLM-R and
+language and its relatives, hardly on the targets: ``sftkit.toy`` says how the toy maps onto XLM-R and
 Acehnese), generates the seed's data, trains language SFTs (source ``src`` and targets ``ace``, ``ban``)
 and a sentiment task SFT with DEFT-X and with LT-SFT into a registry in ``--home``, shows their overlap,
 composes θ0 + φ_T + φ_L for every target language and method, evaluates zero-shot, exports one composed
