@@ -90,6 +90,8 @@ if str(HERE) not in sys.path:  # last, so that an importer's `registry` package 
 
 import nusax_data  # noqa: E402  (a sibling script, importable once its folder is on the path)
 
+from sftkit.training.trainer import NullReporter  # noqa: E402
+
 OUT = HERE / "out" / "nusax_mini"
 FIGURES = HERE / "figures"
 RECORDS = HERE / "results"
@@ -182,17 +184,19 @@ CORE = Budget(
     task_eval_steps=50,
     task_validation_rows=300,
 )
-QUICK = replace(
-    CORE,
-    targets=("ace",),
-    language_steps=3,
-    language_eval_steps=3,
-    head_fit_steps=2,
-    task_steps=4,
-    task_eval_steps=4,
-    task_validation_rows=100,
-    test_rows=100,
-)
+# Minutes, not hours: ace only, a few steps of each kind, 100 validation and test rows (--quick, and the CPU
+# smoke test of --paper-budget).
+SMOKE_SIZES = {
+    "targets": ("ace",),
+    "language_steps": 3,
+    "language_eval_steps": 3,
+    "head_fit_steps": 2,
+    "task_steps": 4,
+    "task_eval_steps": 4,
+    "task_validation_rows": 100,
+    "test_rows": 100,
+}
+QUICK = replace(CORE, **SMOKE_SIZES)
 # Appendix C (recipes paper-lang / paper-sa): language SFTs batch 8 × 256 tokens, lr 5e-5, 100 epochs clamped
 # to 30 k–100 k steps per phase, evaluated every 1 000 steps; the SA task SFT batch 16 × 128, lr 2e-5,
 # 10 epochs, evaluated every 250 steps; on all of SMSA valid and all 400 test rows.
@@ -652,7 +656,7 @@ class Experiment:
             self.evaluate_nusawrites("DEFT-X 90var", seed)
 
 
-class StepTimer:
+class StepTimer(NullReporter):
     """A trainer reporter that keeps each phase's step durations (evaluations excluded) and evaluation times."""
 
     def __init__(self) -> None:
@@ -663,7 +667,7 @@ class StepTimer:
         self.phase, self.last = phase, time.perf_counter()
         self.phases.setdefault(phase, {"steps": [], "evaluations": []})
 
-    def step(self, step: int, loss: float) -> None:
+    def step(self, step: int, loss: float, lr: float, tokens: int) -> None:
         now = time.perf_counter()
         self.phases[self.phase]["steps"].append(now - self.last)
         self.last = now
@@ -672,12 +676,6 @@ class StepTimer:
         now = time.perf_counter()
         self.phases[self.phase]["evaluations"].append(now - self.last)
         self.last = now
-
-    def phase_finished(self, phase: str, summary: dict[str, Any]) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per phase: steps, median and mean seconds a step (the first step, with its warm-up, left out)."""
@@ -1226,18 +1224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(plan, indent=1))
         if not gpu:  # the CPU smoke test: the paper's batches, lengths and learning rates for a few steps
             log("no GPU: running a few steps of the paper recipe as a smoke test")
-            budget = replace(
-                budget,
-                paper_schedule=False,
-                targets=("ace",),
-                language_steps=2,
-                language_eval_steps=2,
-                head_fit_steps=2,
-                task_steps=3,
-                task_eval_steps=3,
-                task_validation_rows=100,
-                test_rows=100,
-            )
+            budget = replace(budget, paper_schedule=False, **SMOKE_SIZES)
             kind = "paper-smoke"
     directory = OUT / f"{kind}-{setting}-{name}-{budget.digest()}"
     quick = kind in ("quick", "paper-smoke")

@@ -40,6 +40,7 @@ from nusax_data import smsa_path
 from sftkit.training import make_config, train
 from sftkit.training.data import load_labelled
 from sftkit.training.features import BatchOrder, tokenize_corpus, tokenize_labelled
+from sftkit.training.trainer import NullReporter
 
 TASK_CASES = ("task-fp32-random", "task-fp32-grouped", "task-bf16-random", "task-bf16-grouped")
 LANGUAGE_CASES = ("language-fp32", "language-bf16")
@@ -50,7 +51,7 @@ BATCH = {"task": 16, "language": 8}  # the paper's SA and MLM batch sizes
 TARGET = 2.0
 
 
-class _StepClock:
+class _StepClock(NullReporter):
     """The trainer's reporter: the wall-clock time of every step report, by phase."""
 
     def __init__(self) -> None:
@@ -61,17 +62,8 @@ class _StepClock:
         self.phase = phase
         self.times[phase] = [time.perf_counter()]
 
-    def step(self, step: int, loss: float) -> None:
+    def step(self, step: int, loss: float, lr: float, tokens: int) -> None:
         self.times[self.phase].append(time.perf_counter())
-
-    def evaluated(self, step: int, metrics: dict[str, Any]) -> None:
-        pass
-
-    def phase_finished(self, phase: str, summary: dict[str, Any]) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
 
 
 def smsa_sample(count: int, split: str = "train") -> list[tuple[str, str]]:
