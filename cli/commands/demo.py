@@ -36,8 +36,13 @@ SIZES = {"corpus": 1500, "train": 1200, "validation": 300, "test": 400}
 # pretraining built. k is the paper's share of the maskable entries, L1 0.1 its language-SFT weight.
 SCHEDULES = {
     "language": {
-        **{"lr": 1e-3, "max_steps": 100, "eval_steps": 25, "batch_size": 32, "max_length": 64},
-        **{"k": 0.028, "l1": 0.1},
+        "lr": 1e-3,
+        "max_steps": 100,
+        "eval_steps": 25,
+        "batch_size": 32,
+        "max_length": 64,
+        "k": 0.028,
+        "l1": 0.1,
     },
     "task": {"lr": 2e-3, "max_steps": 300, "eval_steps": 75, "batch_size": 32, "max_length": 64, "k": 0.051},
 }
@@ -259,7 +264,6 @@ def _run(ctx: typer.Context, workdir: Path, seed: int) -> dict[str, Any]:
             "accuracy": source_score["accuracy"],
         },
         "exported": {"path": str(exported), "text": example[0], "gold": example[1], "prediction": prediction},
-        "data": str(data),
         "timings": timings,
     }
 
