@@ -39,7 +39,7 @@ miniature; a directory must hold an XLM-R-family model.
   a GPU when there is one, else a few steps of it (ace, 100 test rows) as a smoke test.
 
 Budget (``CORE``; bf16 autocast, batches as the paper's: 8 × 128-token blocks, 16 sentences ≤ 128 tokens).
-Per phase: 200 task steps (lr 1e-4; 3 200 SMSA rows, ~0.3 epoch; validation on 300 SMSA valid rows every
+Per phase: 300 task steps (lr 1e-4; 4 800 SMSA rows, ~0.5 epoch; validation on 300 SMSA valid rows every
 50 steps), 100 MLM steps (lr 2e-4; 800 blocks, ~1–1.5 epochs of a language's NusaX train + valid text;
 validation every 25 steps), after a 150-step head fit (lr 1e-3). The paper (``--paper-budget``): 30 000–
 100 000 MLM steps and 10 SMSA epochs (~6 000 steps) per phase, i.e. ~300× and ~30× these.
@@ -93,6 +93,7 @@ import nusax_data  # noqa: E402  (a sibling script, importable once its folder i
 from sftkit.training.trainer import NullReporter  # noqa: E402
 
 OUT = HERE / "out" / "nusax_mini"
+SFT_CACHE = OUT / "sft"
 FIGURES = HERE / "figures"
 RECORDS = HERE / "results"
 SOURCE = "ind"
@@ -169,7 +170,7 @@ class Budget:
 # Step counts for models that learn (issue 19's probes: a task SFT on θ0 at lr 1e-4, batch 16 × 128 reached
 # SMSA validation macro-F1 0.83 / 0.87 / 0.93 at steps 100 / 200 / 300; a language SFT's phase 1 at lr 2e-4,
 # batch 8 × 128 went from the head's ~7.65 to 6.57 at step 50 and 5.76 at step 200), cut to what the core can
-# afford (cost_estimate, MEASURED_SECONDS): 200 task steps and 100 MLM steps per phase; 150 head-fit steps
+# afford (cost_estimate, MEASURED_SECONDS): 300 task steps and 100 MLM steps per phase; 150 head-fit steps
 # (the probe's head alone plateaued at ~7.65 by 300 steps, and was at 7.5–8.5 after 50). The paper's schedule
 # for comparison (``--paper-budget``): 30 000+ MLM steps per phase, 10 SMSA epochs (~6 000 task steps).
 CORE = Budget(
@@ -179,7 +180,7 @@ CORE = Budget(
     language_lr=2e-4,
     language_eval_steps=25,
     head_fit_steps=150,
-    task_steps=200,
+    task_steps=300,
     task_lr=1e-4,
     task_eval_steps=50,
     task_validation_rows=300,
@@ -303,7 +304,7 @@ class Experiment:
 
         self.tokenizer = load_tokenizer(self.base)
         self.state = State(directory / "state.json")
-        self.full_cache = directory / "full-phase"
+        self.full_cache = OUT / "full-phase"  # keyed by phase-1 settings and data: shared by every budget
 
     # ------------------------------------------------------------------ θ0: the base with a fitted MLM head
     def head_fit_texts(self) -> list[str]:
@@ -399,21 +400,32 @@ class Experiment:
         return json.loads((Path(self.base) / "head_fit.json").read_text())
 
     # ------------------------------------------------------------------ SFTs (cached on disk)
-    def _cached(self, name: str, train) -> Any:
+    def _cached(self, name: str, config, train, data: Any = None) -> Any:
+        """An SFT trained once per (name, training config, data): stored under ``OUT/sft/`` by that key, shared by
+        every budget directory, so changing the task budget leaves the language SFTs (and vice versa) cached.
+        Its training time and step timings are kept beside it and copied into this run's state."""
         from sftkit.sft import SparseFineTuning
 
-        path = self.directory / "sft" / name
-        if path.is_dir():
-            return SparseFineTuning.load(path)
-        log(f"training {name} …")
-        started, timer = time.perf_counter(), StepTimer()
-        sft = train(timer)
-        seconds = time.perf_counter() - started
-        sft.save(path)
-        self.state.data.setdefault("step_seconds", {})[name] = timer.summary()
-        self.state.add_seconds(name, seconds)
-        log(f"trained {name} in {seconds:.0f} s ({sft.num_entries:,} entries)")
-        return sft
+        key = hashlib.sha256(json.dumps([config.digest(), data], sort_keys=True).encode()).hexdigest()[:12]
+        path, timing_path = SFT_CACHE / f"{name}-{key}", SFT_CACHE / f"{name}-{key}.timing.json"
+        if not path.is_dir():
+            log(f"training {name} …")
+            started, timer = time.perf_counter(), StepTimer()
+            sft = train(timer)
+            seconds = time.perf_counter() - started
+            sft.save(path)
+            timing_path.write_text(json.dumps({"seconds": seconds, "steps": timer.summary()}))
+            log(f"trained {name} in {seconds:.0f} s ({sft.num_entries:,} entries)")
+        timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"seconds": None, "steps": {}}
+        self.state.data.setdefault("step_seconds", {})[name] = timing["steps"]
+        self.state.data.setdefault("sft_paths", {})[name] = str(path)
+        self.state.add_seconds(name, timing["seconds"])
+        return SparseFineTuning.load(path)
+
+    def sft_paths(self, prefix: str = "") -> list[tuple[str, Path]]:
+        """This run's SFTs whose name starts with ``prefix``, by name, with where the cache keeps them."""
+        paths = self.state.data.get("sft_paths", {})
+        return [(name, Path(paths[name])) for name in sorted(paths) if name.startswith(prefix)]
 
     def language_texts(self, language: str, corpus: str = "nusax") -> list[str]:
         if language == SOURCE:
@@ -454,6 +466,7 @@ class Experiment:
         suffix = "" if corpus == "nusax" else f"-{corpus}-{NUSAWRITES_STEPS}"
         return self._cached(
             f"lang-{language}{suffix}-{method_key(method)}",
+            config,
             lambda timer: train(config, train_data=texts, full_phase_cache=self.full_cache, reporter=timer).sft,
         )
 
@@ -518,6 +531,7 @@ class Experiment:
         config = self.task_config(method, seed)
         return self._cached(
             f"task-{method_key(method)}-s{seed}",
+            config,
             lambda timer: (
                 train(
                     config,
@@ -527,6 +541,7 @@ class Experiment:
                     reporter=timer,
                 ).sft
             ),
+            data=[self.budget.task_validation_rows, source.delta_digest() if source else None],
         )
 
     def task_validation(self) -> list[tuple[str, str]]:
@@ -948,11 +963,11 @@ def f1_chart(table: dict[str, dict[str, tuple]], budget: Budget, path: Path, tit
 def rank_summary(experiment: Experiment) -> dict[str, Any]:
     """Median and range of the per-matrix ranks DEFT-X chose, per SFT (what ``90var`` did here)."""
     summary = {}
-    for path in sorted((experiment.directory / "sft").iterdir()):
+    for name, path in experiment.sft_paths():
         config = json.loads((path / "sft_config.json").read_text())
         ranks = [entry["rank"] for entry in config.get("rank_report") or [] if "rank" in entry]
         if ranks:
-            summary[path.name] = {"median": statistics.median(ranks), "min": min(ranks), "max": max(ranks)}
+            summary[name] = {"median": statistics.median(ranks), "min": min(ranks), "max": max(ranks)}
     return summary
 
 
@@ -963,15 +978,15 @@ def language_anatomy(experiment: Experiment) -> dict[str, dict[str, float]]:
 
     words = "embeddings.word_embeddings.weight"
     anatomy = {}
-    for path in sorted((experiment.directory / "sft").glob("lang-*")):
+    for name, path in experiment.sft_paths("lang-"):
         sft = SparseFineTuning.load(path)
-        language, corpus = sft.metadata.language, "nusawrites" if "-nusawrites-" in path.name else "nusax"
+        language, corpus = sft.metadata.language, "nusawrites" if "-nusawrites-" in name else "nusax"
         texts = experiment.language_texts(language, corpus)
         present = {token for ids in experiment.tokenizer(texts)["input_ids"] for token in ids}
         embedding = sft.diffs.get(words)
         rows_hit = (embedding.indices // embedding.shape[1]).tolist() if embedding is not None else []
         warmup = (sft.metadata.trainer or {}).get("head_warmup", {})
-        anatomy[path.name] = {
+        anatomy[name] = {
             "in_embeddings": sum(d.indices.numel() for n, d in sft.diffs.items() if n.startswith("embeddings."))
             / sft.num_entries,
             "word_embedding_entries_on_used_tokens": sum(row in present for row in rows_hit) / max(len(rows_hit), 1),
@@ -984,9 +999,9 @@ def language_anatomy(experiment: Experiment) -> dict[str, dict[str, float]]:
 def language_losses(experiment: Experiment) -> dict[str, dict[str, Any]]:
     """Validation MLM loss of each language SFT: per evaluation of the full phase and of the sparse phase."""
     losses = {}
-    for path in sorted((experiment.directory / "sft").glob("lang-*")):
+    for name, path in experiment.sft_paths("lang-"):
         metrics = json.loads((path / "sft_config.json").read_text())["metrics"]
-        losses[path.name] = {
+        losses[name] = {
             phase: [round(entry["loss"], 3) for entry in metrics[phase]["history"]]
             for phase in ("full", "sparse")
             if phase in metrics  # a variant without the sparse phase has none
@@ -999,9 +1014,9 @@ def language_goals(experiment: Experiment) -> dict[str, dict[str, Any]]:
     best, and where the sparse phase ends (last evaluation) and what it delivers (its best); the issue's goals:
     phase 1 ≥ 1.0 nat below its start, the delivered sparse phase within 0.2 nat of phase 1's best."""
     goals = {}
-    for path in sorted((experiment.directory / "sft").glob("lang-*")):
-        language = path.name.split("-")[1]
-        if language not in experiment.budget.targets or "-nusawrites-" in path.name:
+    for name, path in experiment.sft_paths("lang-"):
+        language = name.split("-")[1]
+        if language not in experiment.budget.targets or "-nusawrites-" in name:
             continue
         metrics = json.loads((path / "sft_config.json").read_text())["metrics"]
         full = [entry["loss"] for entry in metrics["full"]["history"]]
@@ -1014,14 +1029,14 @@ def language_goals(experiment: Experiment) -> dict[str, dict[str, Any]]:
             record |= {"sparse_end": sparse[-1], "sparse_best": min(sparse)}
             record["sparse_gap_to_phase1_best"] = min(sparse) - min(full)
             record["sparse_goal_met"] = record["sparse_gap_to_phase1_best"] <= 0.2
-        goals[path.name] = {key: round(v, 3) if isinstance(v, float) else v for key, v in record.items()}
+        goals[name] = {key: round(v, 3) if isinstance(v, float) else v for key, v in record.items()}
     return goals
 
 
 def task_goals(experiment: Experiment) -> dict[str, dict[str, Any]]:
     """Per task SFT: SMSA validation macro-F1 (best of phase 1; best of the sparse phase = the delivered SFT)."""
     goals = {}
-    for path in sorted((experiment.directory / "sft").glob("task-*")):
+    for name, path in experiment.sft_paths("task-"):
         metrics = json.loads((path / "sft_config.json").read_text())["metrics"]
         record = {
             phase: [round(entry["macro_f1"], 4) for entry in metrics[phase]["history"]]
@@ -1029,7 +1044,7 @@ def task_goals(experiment: Experiment) -> dict[str, dict[str, Any]]:
             if phase in metrics
         }
         delivered = max(record.get("sparse") or record["full"])
-        goals[path.name] = {**record, "delivered": delivered, "goal_met": delivered >= 0.85}
+        goals[name] = {**record, "delivered": delivered, "goal_met": delivered >= 0.85}
     return goals
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
@@ -69,6 +70,21 @@ def test_grouped_batches_pad_far_less_than_random_ones():
 def test_grouping_equal_lengths_is_the_plain_order():
     """MLM's fixed-length blocks: grouping changes nothing."""
     assert _epoch(BatchOrder(333, 8, seed=2, lengths=[128] * 333)) == _epoch(BatchOrder(333, 8, seed=2))
+
+
+def test_grouped_batches_come_in_random_order_not_longest_first():
+    """Sorted mega-batches run from the longest sentences to the shortest every 50 steps; where length goes
+    with the label, that drift stalls a short run (issue 19). The batches' order must not follow length."""
+    lengths = _long_tailed(4000)
+    batches = _epoch(BatchOrder(4000, BATCH, seed=6, lengths=lengths))
+    longest = torch.tensor([float(max(lengths[i] for i in batch)) for batch in batches])
+    ranks = torch.argsort(torch.argsort(longest)).float()
+    position = torch.arange(len(batches), dtype=torch.float)
+    within_mega_batch = position % 50  # transformers' sort runs longest → shortest inside each block of 50
+    spearman = torch.corrcoef(torch.stack([ranks, within_mega_batch]))[0, 1]
+    assert abs(float(spearman)) < 0.2
+    steps_down = sum(later <= earlier for earlier, later in itertools.pairwise(longest))
+    assert steps_down < 0.75 * (len(batches) - 1)  # sorted: nearly every step; shuffled: about half
 
 
 def test_grouped_batches_are_still_random_mixtures_of_the_data():

@@ -130,17 +130,25 @@ def holdout_split(items: Sequence[Any], fraction: float, seed: int) -> tuple[lis
 MEGA_BATCHES = 50
 
 
-def group_by_length(order: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``order`` with each mega-batch sorted by length, longest first (transformers' ``group_by_length``).
+def group_by_length(
+    order: torch.Tensor, lengths: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``order`` regrouped into batches of similar length, the batches then shuffled (``generator``).
 
-    The seeded permutation still decides which examples meet; sorting inside each mega-batch of
-    ``min(size // 4 batches, 50)`` batches makes consecutive batches hold examples of similar length,
-    so dynamic padding computes little beyond the real tokens. The sort is stable, so equal lengths
-    (MLM's fixed-length blocks) leave ``order`` as it was.
+    The seeded permutation still decides which examples meet: each mega-batch of ``min(size // 4 batches,
+    50)`` batches is sorted by length (transformers' ``group_by_length``), so dynamic padding computes little
+    beyond the real tokens. Unlike transformers, the batches are then put in a seeded random order: left
+    sorted, every 50 steps would run from the longest sentences to the shortest, and where length goes with
+    the label (SMSA: long reviews lean one way) that drift stalls a short run (issue 19: a task SFT's phase 1 on
+    mE5-small at SMSA validation macro-F1 0.14 → 0.46 at steps 50 → 100 sorted, 0.55 at step 50 unsorted).
     """
     mega = batch_size * max(1, min(len(order) // (4 * batch_size), MEGA_BATCHES))
     chunks = [order[start : start + mega] for start in range(0, len(order), mega)]
-    return torch.cat([chunk[torch.sort(lengths[chunk], descending=True, stable=True).indices] for chunk in chunks])
+    grouped = torch.cat([chunk[torch.sort(lengths[chunk], descending=True, stable=True).indices] for chunk in chunks])
+    full = len(grouped) // batch_size  # a last, partial batch stays last: the wrap-round completes it
+    batches = list(torch.split(grouped[: full * batch_size], batch_size))
+    shuffled = [batches[i] for i in torch.randperm(full, generator=generator).tolist()]
+    return torch.cat([*shuffled, grouped[full * batch_size :]])
 
 
 class BatchOrder:
@@ -165,7 +173,9 @@ class BatchOrder:
             raise ValueError(f"{len(lengths)} lengths for {size} examples")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world = rank, world
-        self.lengths = torch.tensor(lengths, dtype=torch.long) if lengths is not None else None
+        # Equal lengths (MLM's fixed-length blocks) have nothing to group: the plain order, unchanged.
+        varied = lengths is not None and len(set(lengths)) > 1
+        self.lengths = torch.tensor(lengths, dtype=torch.long) if varied else None
         self.steps_per_epoch = -(-size // batch_size)
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
@@ -176,7 +186,7 @@ class BatchOrder:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.size, generator=generator)
             if self.lengths is not None:
-                order = group_by_length(order, self.lengths, self.batch_size)
+                order = group_by_length(order, self.lengths, self.batch_size, generator)
             repeats = -(-self.steps_per_epoch * self.batch_size // self.size)
             self._epoch, self._order = epoch, order.repeat(repeats)
         batch = self._order[position * self.batch_size : (position + 1) * self.batch_size]
