@@ -4,7 +4,7 @@ Why: loading the whole model, touching every page with the sparse updates and sa
 several times a plain copy of the checkpoint (transformers 5 memory-maps checkpoints, so the plain
 ``from_pretrained`` + ``save_pretrained`` is little more than a file copy). Streaming copies each base
 tensor chunk by chunk from the checkpoint through a small pool of reused buffers (one per worker
-thread, plus one being written), adds Σ wᵢ φᵢ there and writes it
+thread, plus one being written), adds Σ wᵢ φᵢ (or the merged delta, ``Plan.terms``) there and writes it
 (``sftkit.safetensors_io``); no model is ever materialised — mergekit's lazy per-tensor idea.
 
 The target layout (parameter names, shapes, which ones form the head) comes from the model class
@@ -214,15 +214,6 @@ def _write_weights(
     )
     pieces: dict[str, list[torch.Tensor]] = {}
 
-    def deltas_of(name: str) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
-        relative = sources.relative(name)
-        found = []
-        for part in composition.parts:
-            delta = part.sft.diffs.get(relative)
-            if delta is not None:
-                found.append((part.weight, delta.indices, delta.values))
-        return found
-
     def jobs(layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Iterator[tuple[str, Any]]:
         for name, dtype, _ in packed_order(layout):
             key = keys.get(name)
@@ -230,7 +221,7 @@ def _write_weights(
                 yield name, memoryview(head[name].to(dtype).contiguous().view(-1).view(torch.uint8).numpy())
                 continue
             descriptor, info = sources.tensors[key]
-            deltas = deltas_of(name)
+            deltas = composition.terms(sources.relative(name))
             numel, per_chunk = state[name].numel(), CHUNK_BYTES // itemsize(dtype)
             for first in range(0, numel, per_chunk):
                 yield name, (descriptor, info, first, min(numel, first + per_chunk), deltas)
@@ -283,7 +274,11 @@ def _write_side_files(staging: Path, snapshot: Path, model, composition: Plan, b
         raise BadInputError(f"cannot load the tokenizer of {base!r}: no tokenizer files in {snapshot}")
     for name in copied:
         shutil.copyfile(snapshot / name, staging / name)
-    record = compose_record(base, fingerprint, type(model).__name__, composition.parts)
+    record = compose_record(
+        base, fingerprint, type(model).__name__, composition.parts, composition.merge, composition.tuning
+    )
     (staging / COMPOSE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    card = composed_model_card(base, record["sfts"], composition.labels, composition.head)
+    card = composed_model_card(
+        base, record["sfts"], composition.labels, composition.head, record["merge"], record.get("tuning")
+    )
     (staging / CARD_NAME).write_text(card)

@@ -322,6 +322,7 @@ LIBRARY_LAYERS: tuple[tuple[str, ...], ...] = (
         "sftkit.sft",
         "sftkit.card",
         "sftkit.composition_plan",
+        "sftkit.merging",
         "sftkit.base_model",
         "sftkit.fingerprint",
         "sftkit.safetensors_io",
