@@ -19,6 +19,8 @@ EXAMPLES = """
   sftkit compose --task nli@best --lang lang:quy@2 --weights 1,0.8 -o model-quy/
   sftkit compose --lang ace --head none -o ace-encoder/      [dim]# language-adapted encoder, no head[/dim]
   sftkit compose --task ner --lang ace -o ner-ace/           [dim]# a token task SFT: a token classifier[/dim]
+  sftkit compose --task sa --lang ban --merge ties --density 0.6 -o model-ties/
+  sftkit compose --task sa --lang ban --merge dare-ties --density 0.3 --merge-seed 1 -o model-dare/
 """
 
 
@@ -65,6 +67,26 @@ def compose_command(
             show_default=False,
         ),
     ] = None,
+    merge: Annotated[
+        str,
+        typer.Option(
+            help="How the wᵢ φᵢ combine: sum (θ0 + Σ wᵢ φᵢ) or a method of sftkit.merging.METHODS: ties, "
+            "dare-linear, dare-ties (README: Merging)."
+        ),
+    ] = "sum",
+    density: Annotated[
+        float | None,
+        typer.Option(help="Share D of each SFT's entries that ties / dare-* keep, in (0, 1] (default 1, as mergekit)."),
+    ] = None,
+    merge_seed: Annotated[int | None, typer.Option(help="Seed of DARE's random drop (default 0).")] = None,
+    normalize: Annotated[
+        bool | None,
+        typer.Option(
+            "--normalize/--no-normalize",
+            help="ties / dare-ties: divide each entry by the weights of the kept values (default on, as mergekit).",
+            show_default=False,
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the composition record as JSON.")] = False,
 ) -> None:
@@ -80,6 +102,10 @@ language SFTs' MLM heads are dropped. A token task SFT (NER, POS) gives a direct
     weight_list = parse_weights(weights, len(references))
     from sftkit.compose import compose_to_directory
     from sftkit.composition_plan import check_same_base, parts_of
+    from sftkit.merging import Merge
+
+    settings = Merge.of(merge, density, merge_seed, normalize)  # refused before any SFT is loaded
+    settings.check_count(len(references))
 
     st = state(ctx)
     with activity(ctx, f"loading {len(references)} SFT{'s' if len(references) > 1 else ''}"):
@@ -98,13 +124,23 @@ language SFTs' MLM heads are dropped. A token task SFT (NER, POS) gives a direct
         )
     with activity(ctx, f"composing on {base_model} into {output}"):
         directory = compose_to_directory(
-            base_model, sfts, output, weight_list, head=head, references=[r.reference for r in records], overwrite=force
+            base_model,
+            sfts,
+            output,
+            weight_list,
+            head=head,
+            references=[r.reference for r in records],
+            overwrite=force,
+            **settings.arguments(),
         )
     record = json.loads((directory / "sftkit_compose.json").read_text())
     if json_output:
         print_json(record | {"path": str(directory)})
         return
     if not st.quiet:
+        if settings.method != "sum":
+            shown = ", ".join(f"{k} {v}" for k, v in record["merge"].items() if k != "method" and v is not None)
+            console.print(f"  merge    {settings.method} ({shown})", highlight=False)
         for part in record["sfts"]:
             console.print(f"  {part['kind']:8} {part['reference']:<24} × {part['weight']:g}", highlight=False)
     console.print(f"[green]composed[/green] → {directory}")
