@@ -12,7 +12,7 @@ token-classification model on a CoNLL / JSONL file.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from sftkit.training.features import (
     GOLD_TAGS,
     SCORING_KEYS,
     WORD_INDEX,
+    fixed_batches,
     make_collator,
     tokenize_labelled,
     tokenize_tagged,
@@ -124,23 +125,56 @@ def evaluate(
     Labels come from the model's ``id2label``; a data label outside it is an error naming the line.
     """
     model, tokenizer, labels = _classifier(model_or_dir, tokenizer, AutoModelForSequenceClassification)
+    options = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
+    return classifier_scorer(data, tokenizer, labels, batch_size, max_length, device, pair=pair, **options)(model)
+
+
+def _device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def _length(tokenizer: Any, max_length: int | None) -> int:
+    return max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
+
+
+def classifier_scorer(
+    data: str | os.PathLike[str] | Sequence[Any],
+    tokenizer: Any,
+    labels: Sequence[str],
+    batch_size: int = 64,
+    max_length: int | None = None,
+    device: str = "auto",
+    *,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    pair: bool | None = None,
+) -> Callable[[Any], dict[str, Any]]:
+    """``model → evaluate``'s scores on ``data``, which is read, tokenised and batched once.
+
+    Why: ``sftkit compose --tune`` scores one model after another on the same small dev set.
+    """
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = load_tokenizer(str(tokenizer))
     examples = load_labelled(
         data,
         pair=pair,
         text_column=text_column,
         text_pair_column=text_pair_column,
         label_column=label_column,
-        labels=labels,
+        labels=list(labels),
     )
-    length = max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
-    items = tokenize_labelled(tokenizer, examples.examples, {label: i for i, label in enumerate(labels)}, length)
-    collate = DataCollatorWithPadding(tokenizer)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
+    index = {label: i for i, label in enumerate(labels)}
+    items = tokenize_labelled(tokenizer, examples.examples, index, _length(tokenizer, max_length))
     items.sort(key=lambda item: len(item["input_ids"]))  # less padding; the confusion matrix ignores order
-    batches = (collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size))
-    return scores(confusion_of(model, batches, len(labels)), labels)
+    batches = fixed_batches(items, DataCollatorWithPadding(tokenizer), batch_size)
+    target = _device(device)
+
+    def score(model: Any) -> dict[str, Any]:
+        model.to(target)
+        return scores(confusion_of(model, batches, len(labels)), labels)
+
+    return score
 
 
 @torch.no_grad()
@@ -181,15 +215,36 @@ def evaluate_tagger(
     or wrong (POS), and ``"unpredicted_words"`` says how many there were.
     """
     model, tokenizer, labels = _classifier(model_or_dir, tokenizer, AutoModelForTokenClassification)
-    sentences = load_tagged(data, labels, tokens_key=tokens_key, tags_key=tags_key).sentences
-    length = max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
-    items = tokenize_tagged(tokenizer, sentences, {label: i for i, label in enumerate(labels)}, length, scored=True)
-    collate = make_collator("tagging", tokenizer, 0.0)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
+    keys = {"tokens_key": tokens_key, "tags_key": tags_key}
+    return tagger_scorer(data, tokenizer, labels, batch_size, max_length, device, **keys)(model)
+
+
+def tagger_scorer(
+    data: str | os.PathLike[str] | Sequence[Any],
+    tokenizer: Any,
+    labels: Sequence[str],
+    batch_size: int = 64,
+    max_length: int | None = None,
+    device: str = "auto",
+    *,
+    tokens_key: str = "tokens",
+    tags_key: str = "tags",
+) -> Callable[[Any], dict[str, Any]]:
+    """``model → evaluate_tagger``'s scores on ``data``, read, tokenised and batched once (as ``classifier_scorer``)."""
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = load_tokenizer(str(tokenizer))
+    sentences = load_tagged(data, list(labels), tokens_key=tokens_key, tags_key=tags_key).sentences
+    index = {label: i for i, label in enumerate(labels)}
+    items = tokenize_tagged(tokenizer, sentences, index, _length(tokenizer, max_length), scored=True)
     items.sort(key=lambda item: len(item["input_ids"]))  # less padding; the count table ignores order
-    batches = (collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size))
-    result = tag_scores(tag_counts_of(model, batches, labels), labels)
-    result["unpredicted_words"] = sum(len(item[GOLD_TAGS]) - len(item[WORD_INDEX]) for item in items)
-    return result
+    batches = fixed_batches(items, make_collator("tagging", tokenizer, 0.0), batch_size)
+    unpredicted = sum(len(item[GOLD_TAGS]) - len(item[WORD_INDEX]) for item in items)
+    target = _device(device)
+
+    def score(model: Any) -> dict[str, Any]:
+        model.to(target)
+        result = tag_scores(tag_counts_of(model, batches, labels), labels)
+        result["unpredicted_words"] = unpredicted
+        return result
+
+    return score
