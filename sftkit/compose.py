@@ -57,6 +57,17 @@ def compose(
 
 def _compose(base: str | Any, composition: Plan, revision: str | None) -> tuple[Any, str]:
     """The composed model and θ0's fingerprint (read before any SFT moved a weight)."""
+    model, fingerprint = prepare(base, composition, revision)
+    for sft, scale, with_head in composition.applied():
+        sft.apply(model, scale=scale, with_head=with_head)
+    return model, fingerprint
+
+
+def prepare(base: str | Any, composition: Plan, revision: str | None = None) -> tuple[Any, str]:
+    """θ0 with the plan's head, checked against the plan's SFTs, nothing applied yet; and θ0's fingerprint.
+
+    ``sftkit.tuning`` applies and reverts ``composition.applied()`` on it trial after trial.
+    """
     loads = isinstance(base, str | os.PathLike)
     model = load_base(base, composition.head, composition.labels, revision) if loads else base
     fingerprint = base_fingerprint(model)
@@ -67,8 +78,6 @@ def _compose(base: str | Any, composition: Plan, revision: str | None) -> tuple[
     head_sft = composition.head_part.sft if composition.head_part else None
     if composition.head == "masked-lm" and head_sft and head_sft.metadata.trained_with_frozen_decoder:
         untie_decoder(model, freeze=False)  # the decoder stays θ0's, as in training, while φ moves the embeddings
-    for sft, scale, with_head in composition.applied():
-        sft.apply(model, scale=scale, with_head=with_head)
     return model, fingerprint
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from merge_helpers import FORCED, WEIGHTS, random_sfts
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -14,47 +15,13 @@ from sftkit.compose import compose, compose_to_directory
 from sftkit.composition_plan import COMPOSE_RECORD
 from sftkit.errors import BadInputError
 from sftkit.merging import Draw
-from sftkit.params import encoder_of, head_parameters, maskable_parameters
-from sftkit.sft import SFTMetadata, SparseDelta, SparseFineTuning
-from sftkit.toy import LABELS
-
-FORCED = "encoder.layer.0.attention.self.query.weight"  # where every SFT stores the same signed entries
-WEIGHTS = [1.0, 0.7, 1.3]
-
-
-def _sfts(base) -> list[SparseFineTuning]:
-    """A task SFT (with head) and two language SFTs: overlapping random entries with conflicting signs, some
-    entries stored by one SFT only, and in ``FORCED`` entries 0–19 stored by all, all positive then all negative,
-    and 20–29 stored by all, positive but for the task SFT's explicit zeros (a zero has no sign to agree with)."""
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(LABELS))
-    generator = torch.Generator().manual_seed(0)
-    sfts = []
-    for position, kind in enumerate(("task", "language", "language")):
-        diffs = {}
-        for name, param in maskable_parameters(model):
-            stored = (torch.rand(param.shape, generator=generator) < 0.3).view(-1)
-            values = torch.randn(param.numel(), generator=generator)
-            if name == FORCED:
-                stored[:30] = True
-                values[:10] = torch.rand(10, generator=generator) + 0.1
-                values[10:20] = -(torch.rand(10, generator=generator) + 0.1)
-                values[20:30] = 0.0 if position == 0 else torch.rand(10, generator=generator) + 0.1
-            indices = stored.nonzero().flatten()
-            diffs[name] = SparseDelta(tuple(param.shape), indices, values[indices])
-        head = {n: torch.randn(p.shape, generator=generator) for n, p in head_parameters(model)} if not position else {}
-        metadata = SFTMetadata(
-            kind=kind,
-            task="sa" if kind == "task" else None,
-            language=None if kind == "task" else f"l{position}",
-            labels=list(LABELS) if kind == "task" else None,
-        )
-        sfts.append(SparseFineTuning(diffs, head, metadata))
-    return sfts
+from sftkit.params import encoder_of
+from sftkit.sft import SparseFineTuning
 
 
 @pytest.fixture(scope="module")
 def sfts(tiny_base) -> list[SparseFineTuning]:
-    return _sfts(tiny_base)
+    return random_sfts(tiny_base)
 
 
 def _reference(
@@ -158,7 +125,7 @@ def test_dare_at_density_one_is_sum(tiny_base, sfts):
 
 def test_trim_breaks_magnitude_ties_by_index(tiny_base):
     """Half-precision values repeat magnitudes: the trim keeps exactly ⌊D·n⌋, the lower indices first."""
-    sft = _sfts(tiny_base)
+    sft = random_sfts(tiny_base)
     for part in sft:
         for delta in part.diffs.values():
             delta.values = (delta.values * 4).round() / 4  # few distinct magnitudes
