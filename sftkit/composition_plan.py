@@ -14,7 +14,7 @@ from typing import Any
 from sftkit import __version__
 from sftkit.base_model import CLASSIFIER_HEADS, HEADS
 from sftkit.errors import BadInputError, BaseMismatchError
-from sftkit.merging import Merge, Term
+from sftkit.merging import Addition, Merge
 from sftkit.sft import SparseDelta, SparseFineTuning
 
 COMPOSE_RECORD = "sftkit_compose.json"
@@ -96,31 +96,37 @@ class Plan:
                     found = f"its {name} is {delta.shape}, the base's {shape}" if shape else f"the base has no {name}"
                     raise BaseMismatchError(f"{_trained_on(part)}, not on {base!r} ({found})")
 
-    def terms(self, name: str) -> list[Term]:
-        """What both writers add to encoder parameter ``name`` (encoder-relative), in order, with ``index_add_``."""
+    def addition(self, name: str) -> Addition:
+        """What both writers add to encoder parameter ``name`` (encoder-relative), with ``index_add_``."""
         deltas = [
             (position, part.weight, delta.indices, delta.values)
             for position, part in enumerate(self.parts)
             if (delta := part.sft.diffs.get(name)) is not None
         ]
-        return self.merge.terms(name, deltas)
+        return self.merge.addition(name, deltas)
 
     def applied(self) -> list[tuple[SparseFineTuning, float, bool]]:
         """(SFT, scale, with its head) to ``apply`` in order for the in-memory model (``compose``, ``--tune``).
 
-        ``sum`` applies each part as it is; another method applies one SFT of the merged deltas, carrying the
-        head part's head.
+        ``sum`` applies each part as it is; another method applies the merged addends as SFTs at scale 1, the
+        first carrying the head part's head.
         """
         if self.merge.method == "sum":
             return [(part.sft, part.weight, part is self.head_part) for part in self.parts]
         shapes = {name: delta.shape for part in self.parts for name, delta in part.sft.diffs.items()}
-        diffs = {
-            name: SparseDelta(shape, indices, values)
-            for name, shape in shapes.items()
-            for _, indices, values in self.terms(name)
-        }
+        layers: list[dict[str, SparseDelta]] = [{}]
+        for name, shape in shapes.items():
+            for depth, (scale, indices, values) in enumerate(self.addition(name).terms()):
+                assert scale == 1.0  # merged addends carry their weights in their values
+                if depth == len(layers):
+                    layers.append({})
+                layers[depth][name] = SparseDelta(shape, indices, values)
         head = self.head_part.sft.full if self.head_part else {}
-        return [(SparseFineTuning(diffs, head), 1.0, self.head_part is not None)]
+        with_head = self.head_part is not None
+        return [
+            (SparseFineTuning(diffs, head if not depth else {}), 1.0, with_head and not depth)
+            for depth, diffs in enumerate(layers)
+        ]
 
     def check_head(self, head_names: Sequence[str]) -> None:
         if self.head_part is None:

@@ -48,7 +48,7 @@ def _reference(
             kept.append(value)
         stack = torch.stack(kept)
         if method in ("ties", "dare-ties"):
-            sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
+            sign = torch.where(sum(kept) >= 0, 1.0, -1.0)  # Σ in SFT order: (0 + δ₁) + δ₂ + δ₃
             agree = stack.sign() == sign
             total = (stack * agree).sum(0)
             if normalize:
