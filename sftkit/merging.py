@@ -7,7 +7,7 @@ function and one table entry.
 
 Everything works on the entries the SFTs store (sorted flat indices and their values), never on dense
 per-parameter stacks, so memory scales with the stored entries. Both writers (``compose._compose`` and
-``streaming._write_weights``) add what ``Merge.terms`` returns with ``index_add_``, so they write
+``streaming._write_weights``) add what ``Merge.addition`` returns with ``index_add_``, so they write
 bit-identical weights.
 """
 
