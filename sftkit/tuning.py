@@ -3,7 +3,7 @@
 Every trial applies the plan's SFTs to one θ0 in memory, scores it and reverts them. Reverting is exact in
 sftkit (``SparseFineTuning.revert`` restores the overwritten entries bit for bit), so each trial scores
 exactly the model ``compose`` builds with its values, and no directory is written per trial. The score is
-the caller's (``sftkit.training.classifier_scorer`` reads and tokenises the dev set once): composition and
+the caller's (``sftkit.training.scorer`` reads and tokenises the dev set once): composition and
 training stay separate jobs.
 """
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sftkit.compose import prepare
 from sftkit.composition_plan import Part, Plan, plan
 from sftkit.errors import BadInputError
-from sftkit.merging import METHODS, Merge
+from sftkit.merging import Merge
 from sftkit.sft import SparseFineTuning
 
 SEARCHES = ("auto", "grid", "coordinate")
@@ -91,49 +91,64 @@ class Tuning:
         }
 
 
+# ``compose``'s keywords, which ``tune`` takes as they are: it searches a composition ``compose`` would build.
+COMPOSE_KEYWORDS = (
+    "weights",
+    "head",
+    "head_from",
+    "references",
+    "revision",
+    "merge",
+    "density",
+    "merge_seed",
+    "normalize",
+)
+
+
 def tune(
     base: str | Any,
     sfts: Sequence[SparseFineTuning],
     score: Callable[[Any], float],
-    weights: Sequence[float] | None = None,
-    head: str | None = None,
-    references: Sequence[str | None] | None = None,
-    revision: str | None = None,
-    merge: str = "sum",
-    density: float | None = None,
-    merge_seed: int | None = None,
-    normalize: bool | None = None,
     space: Space | None = None,
     on_trial: Callable[[Trial, int, int], None] | None = None,
+    **composition: Any,
 ) -> Tuning:
     """Search the language SFTs' weights (and D, unless ``density`` fixes it) for the best ``score(model)``.
 
-    ``weights`` fix the other SFTs' weights (task, extras; default 1) and start coordinate search; the
-    language SFTs are those of kind ``language`` that bring no head. ``on_trial(trial, done, total)`` follows
-    the search (``total`` is an upper bound for coordinate search, which skips points it has tried).
+    ``composition``: ``compose``'s keywords. Its ``weights`` fix the other SFTs' weights (task, extras; default 1)
+    and start coordinate search; the language SFTs are those of kind ``language`` that bring no head.
+    ``on_trial(trial, done, total)`` follows the search (``total`` is an upper bound for coordinate search,
+    which skips points it has tried).
     """
+    unknown = sorted(set(composition) - set(COMPOSE_KEYWORDS))
+    if unknown:
+        raise BadInputError(f"tune takes compose's keywords ({', '.join(COMPOSE_KEYWORDS)}), not {', '.join(unknown)}")
     space = space or Space()
     space.check()
-    settings = Merge.of(merge, density, merge_seed, normalize)
-    start = plan(sfts, weights, head, None, references, settings)
+    given = {key: composition.get(key) for key in ("merge", "density", "merge_seed", "normalize")}
+    settings = Merge.of(given["merge"] or "sum", given["density"], given["merge_seed"], given["normalize"])
+    where = {key: composition.get(key) for key in ("head", "head_from", "references")}
+
+    def planned(weights: Sequence[float] | None, density: float | None) -> Plan:
+        merge = replace(settings, density=density) if density is not None else settings
+        return plan(sfts, weights, where["head"], where["head_from"], where["references"], merge)
+
+    start = planned(composition.get("weights"), None)
     tuned = tuple(i for i, part in enumerate(start.parts) if _is_language(part, start))
     if not tuned:
         raise BadInputError("tuning searches the language SFTs' weights: give at least one language SFT (--lang)")
-    searches_density = METHODS[merge].sparsify is not None and density is None
+    searches_density = settings.spec.sparsify is not None and given["density"] is None
     densities = space.densities if searches_density else (settings.density,)
-    model, _ = prepare(base, start, revision)
+    model, _ = prepare(base, start, composition.get("revision"))
     trials: list[Trial] = []
     seen: dict[tuple[tuple[float, ...], float | None], float] = {}
 
     def run(point: tuple[tuple[float, ...], float | None], total: int) -> float:
-        if point in seen:
-            return seen[point]
-        chosen, at = point
-        merged = Merge.of(merge, at, merge_seed, normalize) if at is not None else settings
-        seen[point] = _score(model, plan(sfts, chosen, head, None, references, merged), score)
-        trials.append(Trial(chosen, at, seen[point]))
-        if on_trial:
-            on_trial(trials[-1], len(trials), total)
+        if point not in seen:
+            seen[point] = _score(model, planned(*point), score)
+            trials.append(Trial(*point, seen[point]))
+            if on_trial:
+                on_trial(trials[-1], len(trials), total)
         return seen[point]
 
     fixed = [part.weight for part in start.parts]

@@ -100,3 +100,41 @@ def test_bad_tune_input_is_one_line(cli, registry, dev, tmp_path, arguments, mes
     result = cli("compose", *[str(dev) if a == "DEV" else a for a in arguments], "-o", tmp_path / "m")
     assert message in one_line_error(result)
     assert not (tmp_path / "m").exists()
+
+
+def test_tune_a_ner_task_sft_maximises_entity_f1(cli, registry, tiny_base, toy_languages, tmp_path):
+    """A token task SFT: the dev set is CoNLL, the metric entity F1, and the trials score what `eval` scores."""
+    from transformers import AutoModelForTokenClassification
+
+    from sftkit.params import head_parameters
+    from sftkit.sft import SFTMetadata, SparseFineTuning
+    from sftkit.training import evaluate_tagger
+
+    tags = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    tagger = AutoModelForTokenClassification.from_pretrained(tiny_base, num_labels=len(tags))
+    task = registry.load("task:sa")
+    head = {
+        name: torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) for name, p in head_parameters(tagger)
+    }
+    metadata = SFTMetadata(
+        kind="task", task="ner", labels=tags, head_type="token-classification", base_model=str(tiny_base)
+    )
+    registry.add(SparseFineTuning(task.diffs, head, metadata))
+    dev = tmp_path / "dev.conll"
+    sentences = [text.split() for text, _ in toy.labelled(toy_languages["ace"], 40)]
+    dev.write_text(
+        "\n\n".join("\n".join(f"{w}\t{tags[(i + j) % 5]}" for j, w in enumerate(s)) for i, s in enumerate(sentences))
+    )
+    out = tmp_path / "ner"
+    result = cli("compose", "-t", "ner", "-l", "min", "--tune", dev, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    tuning = json.loads(result.stdout)["tuning"]
+    assert tuning["metric"] == "entity_f1" and len(tuning["trials"]) == 5
+    assert len({t["score"] for t in tuning["trials"]}) > 1 and tuning["score"] == max(
+        t["score"] for t in tuning["trials"]
+    )
+    sfts = [registry.load("task:ner"), registry.load("lang:min")]
+    for trial in tuning["trials"][::2]:
+        model = compose(str(tiny_base), sfts, trial["weights"])
+        assert evaluate_tagger(model, dev, tokenizer=str(tiny_base))["entity_f1"] == trial["score"]
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["XLMRobertaForTokenClassification"]

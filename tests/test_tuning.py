@@ -45,7 +45,7 @@ def test_every_trial_scores_exactly_what_compose_builds(tiny_base, sfts):
         return float(len(seen) % 3)
 
     space = Space(weights=(0.0, 0.5), densities=(0.3, 1.0))
-    result = tune(str(tiny_base), sfts, score, [1.0, 1.0, 0.7], merge="ties", space=space)
+    result = tune(str(tiny_base), sfts, score, space, weights=[1.0, 1.0, 0.7], merge="ties")
     assert result.search == "grid" and result.tuned == (1, 2)
     assert [(t.weights, t.density) for t in result.trials] == [
         ((1.0, w1, w2), d) for w1 in (0.0, 0.5) for w2 in (0.0, 0.5) for d in (0.3, 1.0)
@@ -83,3 +83,5 @@ def test_bad_tuning_input(tiny_base, sfts):
         tune(str(tiny_base), sfts, lambda model: 0.0, merge="ties", space=Space(densities=(0.0, 1.0)))
     with pytest.raises(BadInputError, match="the search must be one of"):
         tune(str(tiny_base), sfts, lambda model: 0.0, space=Space(search="random"))
+    with pytest.raises(BadInputError, match=r"tune takes compose's keywords .*, not weight$"):
+        tune(str(tiny_base), sfts, lambda model: 0.0, weight=[1.0, 1.0, 1.0])

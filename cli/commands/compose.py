@@ -220,7 +220,7 @@ class Tuned:
         from sftkit.base_model import CLASSIFIER_HEADS, load_tokenizer
         from sftkit.composition_plan import plan
         from sftkit.merging import Merge
-        from sftkit.training import classifier_scorer, tagger_scorer
+        from sftkit.training import scorer
         from sftkit.tuning import tune
 
         given = self.merge
@@ -232,27 +232,18 @@ class Tuned:
         labels = composition.labels or []
         metric = metric or (default_tag_metric(labels) if tagger else "macro_f1")
         with activity(ctx, f"reading the dev set {dev}"):
-            scorer = (tagger_scorer if tagger else classifier_scorer)(dev, load_tokenizer(self.base), labels)
+            score = scorer(dev, load_tokenizer(self.base), labels, composition.head)
 
         def objective(model: Any) -> float:
-            scores = scorer(model)
+            scores = score(model)
             if not isinstance(scores.get(metric), int | float):
                 numbers = ", ".join(k for k, v in scores.items() if isinstance(v, float))
                 raise BadInputError(f"--tune-metric must be one of {numbers}, not {metric!r}")
             return float(scores[metric])
 
         with trial_reporter(ctx, metric) as on_trial:
-            result = tune(
-                self.base,
-                self.sfts,
-                objective,
-                self.weights,
-                self.head,
-                self.references,
-                space=space,
-                on_trial=on_trial,
-                **self.merge,
-            )
+            where = {"weights": self.weights, "head": self.head, "references": self.references}
+            result = tune(self.base, self.sfts, objective, space, on_trial, **where, **self.merge)
         if show and not state(ctx).quiet:
             print_trials(result, metric, self.references, dev)
         best = result.best

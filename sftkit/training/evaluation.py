@@ -125,8 +125,10 @@ def evaluate(
     Labels come from the model's ``id2label``; a data label outside it is an error naming the line.
     """
     model, tokenizer, labels = _classifier(model_or_dir, tokenizer, AutoModelForSequenceClassification)
-    options = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
-    return classifier_scorer(data, tokenizer, labels, batch_size, max_length, device, pair=pair, **options)(model)
+    columns = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
+    return scorer(
+        data, tokenizer, labels, "sequence-classification", batch_size, max_length, device, pair=pair, **columns
+    )(model)
 
 
 def _device(device: str) -> str:
@@ -137,42 +139,48 @@ def _length(tokenizer: Any, max_length: int | None) -> int:
     return max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
 
 
-def classifier_scorer(
+def scorer(
     data: str | os.PathLike[str] | Sequence[Any],
     tokenizer: Any,
     labels: Sequence[str],
+    head: str = "sequence-classification",
     batch_size: int = 64,
     max_length: int | None = None,
     device: str = "auto",
-    *,
-    text_column: str | None = None,
-    text_pair_column: str | None = None,
-    label_column: str = "label",
-    pair: bool | None = None,
+    **reading: Any,
 ) -> Callable[[Any], dict[str, Any]]:
-    """``model → evaluate``'s scores on ``data``, which is read, tokenised and batched once.
+    """``model → evaluate``'s scores on ``data`` (``evaluate_tagger``'s for a ``token-classification`` head),
+    the data read, tokenised and batched once.
 
-    Why: ``sftkit compose --tune`` scores one model after another on the same small dev set.
+    Why: ``sftkit compose --tune`` scores one model after another on the same small dev set. ``reading`` says how
+    ``load_labelled`` (``text_column``, ``text_pair_column``, ``label_column``, ``pair``) or ``load_tagged``
+    (``tokens_key``, ``tags_key``) reads ``data``.
     """
     if isinstance(tokenizer, str | os.PathLike):
         tokenizer = load_tokenizer(str(tokenizer))
-    examples = load_labelled(
-        data,
-        pair=pair,
-        text_column=text_column,
-        text_pair_column=text_pair_column,
-        label_column=label_column,
-        labels=list(labels),
-    )
-    index = {label: i for i, label in enumerate(labels)}
-    items = tokenize_labelled(tokenizer, examples.examples, index, _length(tokenizer, max_length))
-    items.sort(key=lambda item: len(item["input_ids"]))  # less padding; the confusion matrix ignores order
-    batches = fixed_batches(items, DataCollatorWithPadding(tokenizer), batch_size)
+    index, length = {label: i for i, label in enumerate(labels)}, _length(tokenizer, max_length)
+    if head == "token-classification":
+        sentences = load_tagged(data, list(labels), **reading).sentences
+        items = tokenize_tagged(tokenizer, sentences, index, length, scored=True)
+        collator = make_collator("tagging", tokenizer, 0.0)
+        unpredicted = sum(len(item[GOLD_TAGS]) - len(item[WORD_INDEX]) for item in items)
+
+        def measure(model: Any) -> dict[str, Any]:
+            return tag_scores(tag_counts_of(model, batches, labels), labels) | {"unpredicted_words": unpredicted}
+    else:
+        examples = load_labelled(data, labels=list(labels), **reading).examples
+        items, collator = tokenize_labelled(tokenizer, examples, index, length), DataCollatorWithPadding(tokenizer)
+
+        def measure(model: Any) -> dict[str, Any]:
+            return scores(confusion_of(model, batches, len(labels)), labels)
+
+    items.sort(key=lambda item: len(item["input_ids"]))  # less padding; the scores ignore order
+    batches = fixed_batches(items, collator, batch_size)
     target = _device(device)
 
     def score(model: Any) -> dict[str, Any]:
         model.to(target)
-        return scores(confusion_of(model, batches, len(labels)), labels)
+        return measure(model)
 
     return score
 
@@ -216,35 +224,4 @@ def evaluate_tagger(
     """
     model, tokenizer, labels = _classifier(model_or_dir, tokenizer, AutoModelForTokenClassification)
     keys = {"tokens_key": tokens_key, "tags_key": tags_key}
-    return tagger_scorer(data, tokenizer, labels, batch_size, max_length, device, **keys)(model)
-
-
-def tagger_scorer(
-    data: str | os.PathLike[str] | Sequence[Any],
-    tokenizer: Any,
-    labels: Sequence[str],
-    batch_size: int = 64,
-    max_length: int | None = None,
-    device: str = "auto",
-    *,
-    tokens_key: str = "tokens",
-    tags_key: str = "tags",
-) -> Callable[[Any], dict[str, Any]]:
-    """``model → evaluate_tagger``'s scores on ``data``, read, tokenised and batched once (as ``classifier_scorer``)."""
-    if isinstance(tokenizer, str | os.PathLike):
-        tokenizer = load_tokenizer(str(tokenizer))
-    sentences = load_tagged(data, list(labels), tokens_key=tokens_key, tags_key=tags_key).sentences
-    index = {label: i for i, label in enumerate(labels)}
-    items = tokenize_tagged(tokenizer, sentences, index, _length(tokenizer, max_length), scored=True)
-    items.sort(key=lambda item: len(item["input_ids"]))  # less padding; the count table ignores order
-    batches = fixed_batches(items, make_collator("tagging", tokenizer, 0.0), batch_size)
-    unpredicted = sum(len(item[GOLD_TAGS]) - len(item[WORD_INDEX]) for item in items)
-    target = _device(device)
-
-    def score(model: Any) -> dict[str, Any]:
-        model.to(target)
-        result = tag_scores(tag_counts_of(model, batches, labels), labels)
-        result["unpredicted_words"] = unpredicted
-        return result
-
-    return score
+    return scorer(data, tokenizer, labels, "token-classification", batch_size, max_length, device, **keys)(model)
