@@ -140,7 +140,7 @@ class Merge:
             return Addition([(weight, indices, values) for _, weight, indices, values in deltas])
         kept: list[Term] = []
         for position, weight, indices, values in deltas:
-            weighted = weight * values.float()
+            weighted = values.float() if weight == 1 else weight * values.float()  # never written to
             if self.spec.sparsify is not None:
                 assert self.density is not None
                 chosen, scale = self.spec.sparsify(weighted, self.density, Draw(self.seed or 0, position, name))
@@ -217,8 +217,9 @@ def _elect(kept: Sequence[Term], normalize: bool) -> tuple[torch.Tensor, torch.T
         total[where] += value  # unique within one SFT: a plain gather-add-scatter
     merged = numpy.zeros_like(total)
     divisor = numpy.zeros_like(total)
+    elected = numpy.where(total >= 0, numpy.float32(1), numpy.float32(-1))
     for (weight, _, _), where, value in zip(kept, slots, values, strict=True):
-        agree = numpy.where(total[where] >= 0, value > 0, value < 0)
+        agree = value * elected[where] > 0  # its sign is the elected one (a zero has none)
         merged[where] += value * agree  # a disagreeing value adds ±0, which changes no sum
         divisor[where] += numpy.float32(weight) * agree
     if normalize:
