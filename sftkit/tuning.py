@@ -151,29 +151,34 @@ def tune(
                 on_trial(trials[-1], len(trials), total)
         return seen[point]
 
-    fixed = [part.weight for part in start.parts]
-    grid_size = len(space.weights) ** len(tuned) * len(densities)
-    search = space.search if space.search != "auto" else ("grid" if grid_size <= GRID_LIMIT else "coordinate")
+    # The composition as given comes first: the earliest of equal scores wins, so the search leaves it only for
+    # a strictly better one (a 100-row dev set often scores neighbours the same).
+    given_point = (tuple(part.weight for part in start.parts), max(densities) if densities[0] is not None else None)
+    grid = [
+        (_with(given_point[0], tuned, values[:-1]), values[-1])
+        for values in itertools.product(*[space.weights] * len(tuned), densities)
+    ]
+    search = space.search if space.search != "auto" else ("grid" if len(grid) <= GRID_LIMIT else "coordinate")
     if search == "grid":
-        for values in itertools.product(*[space.weights] * len(tuned), densities):
-            run((_with(fixed, tuned, values[:-1]), values[-1]), grid_size)
+        total = len({given_point, *grid})
+        for point in (given_point, *grid):
+            run(point, total)
     else:
-        _coordinate_search(run, fixed, tuned, space, densities)
+        _coordinate_search(run, given_point, tuned, space, densities)
     return Tuning(tuple(trials), tuned, search, space)
 
 
 def _coordinate_search(
     run: Callable[[tuple[tuple[float, ...], float | None], int], float],
-    fixed: list[float],
+    point: tuple[tuple[float, ...], float | None],
     tuned: tuple[int, ...],
     space: Space,
     densities: tuple[float | None, ...],
 ) -> None:
-    """Coordinate ascent from the given weights and the largest D: each coordinate in turn takes its best
+    """Coordinate ascent from ``point`` (the given weights, the largest D): each coordinate in turn takes its best
     candidate with the others held, until a round moves nothing or ``space.rounds`` are done."""
     coordinates = [(i, space.weights) for i in tuned] + ([(None, densities)] if len(densities) > 1 else [])
     total = 1 + space.rounds * sum(len(candidates) for _, candidates in coordinates)
-    point = (tuple(fixed), max(densities) if densities[0] is not None else None)
     best = run(point, total)
     for _ in range(space.rounds):
         moved = False
@@ -188,7 +193,7 @@ def _coordinate_search(
             return
 
 
-def _with(weights: list[float], positions: Sequence[int], values: Sequence[float]) -> tuple[float, ...]:
+def _with(weights: Sequence[float], positions: Sequence[int], values: Sequence[float]) -> tuple[float, ...]:
     chosen = list(weights)
     for position, value in zip(positions, values, strict=True):
         chosen[position] = float(value)

@@ -47,9 +47,9 @@ def test_every_trial_scores_exactly_what_compose_builds(tiny_base, sfts):
     space = Space(weights=(0.0, 0.5), densities=(0.3, 1.0))
     result = tune(str(tiny_base), sfts, score, space, weights=[1.0, 1.0, 0.7], merge="ties")
     assert result.search == "grid" and result.tuned == (1, 2)
-    assert [(t.weights, t.density) for t in result.trials] == [
+    assert [(t.weights, t.density) for t in result.trials] == [((1.0, 1.0, 0.7), 1.0)] + [
         ((1.0, w1, w2), d) for w1 in (0.0, 0.5) for w2 in (0.0, 0.5) for d in (0.3, 1.0)
-    ]
+    ]  # the composition as given first, then the grid
     for trial, digest in zip(result.trials, seen, strict=True):
         model = compose(str(tiny_base), sfts, list(trial.weights), merge="ties", density=trial.density)
         assert _digest(model) == digest, trial
@@ -67,13 +67,15 @@ def test_grid_search_recovers_the_weights_and_density_of_a_known_model(tiny_base
 
     target = compose(str(tiny_base), sfts, [1.0, 0.5, 0.0])
     result = tune(str(tiny_base), sfts, _distance_to(target))
-    assert result.search == "grid" and len(result.trials) == 25 <= GRID_LIMIT
+    assert result.search == "grid" and len(result.trials) == 25 <= GRID_LIMIT  # (1, 1, 1) is in the grid
     assert (result.best.weights, result.best.density, result.best.score) == ((1.0, 0.5, 0.0), None, 0.0)
 
 
 def test_a_fixed_density_is_not_searched(tiny_base, sfts):
     result = tune(str(tiny_base), sfts[:2], lambda model: 0.0, merge="ties", density=0.4)
     assert {t.density for t in result.trials} == {0.4} and len(result.trials) == 5
+    # All scores equal: the composition as given (w 1) stays, not the grid's first point (w 0).
+    assert result.best.weights == (1.0, 1.0)
 
 
 def test_bad_tuning_input(tiny_base, sfts):
