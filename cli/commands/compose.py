@@ -132,7 +132,8 @@ def compose_command(
 
     θ = θ0 + Σ wᵢ φᵢ: every SFT's sparse deltas are added to the base, the task SFT's head goes on top, \
 language SFTs' MLM heads are dropped. A token task SFT (NER, POS) gives a directory that \
-[b]AutoModelForTokenClassification[/b] and pipeline("token-classification") load.
+[b]AutoModelForTokenClassification[/b] and pipeline("token-classification") load. [b]--merge[/b] ties / dare-linear / \
+dare-ties merges the wᵢ φᵢ as mergekit does; [b]--tune DEV[/b] chooses the language weights (and D) on labelled rows.
     """
     references = ([qualify(task, "task")] if task else []) + [qualify(x, "lang") for x in lang or []] + list(sft or [])
     if not references:
