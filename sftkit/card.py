@@ -7,7 +7,7 @@ base model, language and the ``sftkit`` / ``deft-x`` tags.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from sftkit.metadata import SFTMetadata
 
@@ -81,6 +81,21 @@ def sft_model_card(metadata: SFTMetadata, num_entries: int) -> str:
     return "\n".join(lines)
 
 
+def _settings(merge: Mapping[str, object]) -> str:
+    """``density 0.5, seed 0, normalised``: the merge settings the method uses."""
+    shown = [f"density {merge['density']}"] if merge.get("density") is not None else []
+    shown += [f"seed {merge['seed']}"] if merge.get("seed") is not None else []
+    if merge.get("normalize") is not None:
+        shown.append("normalised" if merge["normalize"] else "not normalised")
+    return ", ".join(shown)
+
+
+def _tuned(tuning: Mapping[str, object]) -> str:
+    trials = tuning.get("trials")
+    count = len(trials) if isinstance(trials, list) else 0
+    return f"{count} trials, best {tuning.get('metric')} {tuning.get('score')}"
+
+
 # The Hub pipeline of each head (``sftkit.base_model.HEADS``) and how the card shows it in use.
 PIPELINES = {
     "sequence-classification": ("text-classification", "classify = pipeline('text-classification', model=PATH)"),
@@ -98,8 +113,11 @@ def composed_model_card(
     parts: Sequence[dict[str, object]],
     labels: Sequence[str] | None,
     head: str = "sequence-classification",
+    merge: Mapping[str, object] | None = None,
+    tuning: Mapping[str, object] | None = None,
 ) -> str:
-    """Card of a composed model directory: which SFTs with which weights; its pipeline follows the head."""
+    """Card of a composed model directory: which SFTs with which weights, how they were merged and, when
+    ``--tune`` chose the weights, on what; its pipeline follows the head."""
     pipeline_tag, usage = PIPELINES.get(head, PIPELINES["none"])
     languages = sorted({str(p["language"]) for p in parts if p.get("language")})
     front = _front_matter(
@@ -111,10 +129,14 @@ def composed_model_card(
             "tags": ["sftkit", "deft-x", "sparse-fine-tuning", "composed"],
         }
     )
-    lines = [front, f"# Composed model on `{base_model}`", "", "θ = θ0 + Σ wᵢ φᵢ, with:", ""]
+    method = (merge or {}).get("method", "sum")
+    how = "θ = θ0 + Σ wᵢ φᵢ" if method == "sum" else f"θ = θ0 + {method} merge of the wᵢ φᵢ ({_settings(merge or {})})"
+    lines = [front, f"# Composed model on `{base_model}`", "", f"{how}, with:", ""]
     lines += [
         f"- {p['kind']} SFT `{p.get('reference') or p.get('name')}` × {p['weight']} ({p['method']})" for p in parts
     ]
+    if tuning:
+        lines += ["", f"Weights chosen by `--tune` on `{tuning.get('dev')}` ({_tuned(tuning)})."]
     if labels and head in ("sequence-classification", "token-classification"):
         lines += ["", f"{'Tags' if head == 'token-classification' else 'Labels'}: {', '.join(labels)}."]
     lines += [

@@ -1,4 +1,5 @@
-"""A composition's plan: which SFTs go in with which weights, which one brings the head, and the record of it.
+"""A composition's plan: which SFTs go in with which weights, how they merge, which one brings the head, and the
+record of it.
 
 Validated before any weight is read and shared by both ways of composing (in memory, ``sftkit.compose``;
 streamed, ``sftkit.streaming``), which is why it lives in neither.
@@ -7,13 +8,14 @@ streamed, ``sftkit.streaming``), which is why it lives in neither.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sftkit import __version__
 from sftkit.base_model import CLASSIFIER_HEADS, HEADS
 from sftkit.errors import BadInputError, BaseMismatchError
-from sftkit.sft import SparseFineTuning
+from sftkit.merging import Addition, Merge
+from sftkit.sft import SparseDelta, SparseFineTuning
 
 COMPOSE_RECORD = "sftkit_compose.json"
 
@@ -68,6 +70,8 @@ class Plan:
     parts: tuple[Part, ...]
     head: str
     head_part: Part | None
+    merge: Merge = field(default_factory=Merge)
+    tuning: Mapping[str, Any] | None = None  # how ``--tune`` chose the weights, recorded as is
 
     @property
     def labels(self) -> list[str] | None:
@@ -91,6 +95,38 @@ class Plan:
                 if shape != delta.shape:
                     found = f"its {name} is {delta.shape}, the base's {shape}" if shape else f"the base has no {name}"
                     raise BaseMismatchError(f"{_trained_on(part)}, not on {base!r} ({found})")
+
+    def addition(self, name: str) -> Addition:
+        """What both writers add to encoder parameter ``name`` (encoder-relative), with ``index_add_``."""
+        deltas = [
+            (position, part.weight, delta.indices, delta.values)
+            for position, part in enumerate(self.parts)
+            if (delta := part.sft.diffs.get(name)) is not None
+        ]
+        return self.merge.addition(name, deltas)
+
+    def applied(self) -> list[tuple[SparseFineTuning, float, bool]]:
+        """(SFT, scale, with its head) to ``apply`` in order for the in-memory model (``compose``, ``--tune``).
+
+        ``sum`` applies each part as it is; another method applies the merged addends as SFTs at scale 1, the
+        first carrying the head part's head.
+        """
+        if self.merge.method == "sum":
+            return [(part.sft, part.weight, part is self.head_part) for part in self.parts]
+        shapes = {name: delta.shape for part in self.parts for name, delta in part.sft.diffs.items()}
+        layers: list[dict[str, SparseDelta]] = [{}]
+        for name, shape in shapes.items():
+            for depth, (scale, indices, values) in enumerate(self.addition(name).terms()):
+                assert scale == 1.0  # merged addends carry their weights in their values
+                if depth == len(layers):
+                    layers.append({})
+                layers[depth][name] = SparseDelta(shape, indices, values)
+        head = self.head_part.sft.full if self.head_part else {}
+        with_head = self.head_part is not None
+        return [
+            (SparseFineTuning(diffs, head if not depth else {}), 1.0, with_head and not depth)
+            for depth, diffs in enumerate(layers)
+        ]
 
     def check_head(self, head_names: Sequence[str]) -> None:
         if self.head_part is None:
@@ -156,19 +192,24 @@ def plan(
     head: str | None = None,
     head_from: int | None = None,
     references: Sequence[str | None] | None = None,
+    merge: Merge | None = None,
+    tuning: Mapping[str, Any] | None = None,
 ) -> Plan:
-    """Validate the arguments of a composition: weights, which SFT brings the head, its labels.
+    """Validate the arguments of a composition: weights, merge method, which SFT brings the head, its labels.
 
-    ``head``: one of ``HEADS``; ``None`` = the task SFT's own (``default_head``).
+    ``head``: one of ``HEADS``; ``None`` = the task SFT's own (``default_head``). ``merge``: ``Merge.of(…)``,
+    default ``sum``.
     """
     if head is not None and head not in HEADS:
         raise BadInputError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
     if not sfts:
         raise BadInputError("nothing to compose: give at least one SFT")
     parts = parts_of(sfts, weights, references)
+    merge = merge or Merge()
+    merge.check_count(len(parts))
     check_same_base(parts)
     head = head or default_head(parts, head_from)
-    result = Plan(parts, head, _head_part(parts, head, head_from))
+    result = Plan(parts, head, _head_part(parts, head, head_from), merge, tuning)
     if head in CLASSIFIER_HEADS and not result.labels:
         raise BadInputError("the task SFT records no labels, so the classifier's size is unknown")
     trained = result.head_part.sft.metadata.head_type if result.head_part else None
@@ -179,12 +220,21 @@ def plan(
     return result
 
 
-def compose_record(base_model: str, fingerprint: str | None, architecture: str, parts: Sequence[Part]) -> dict:
+def compose_record(
+    base_model: str,
+    fingerprint: str | None,
+    architecture: str,
+    parts: Sequence[Part],
+    merge: Merge | None = None,
+    tuning: Mapping[str, Any] | None = None,
+) -> dict:
     """Contents of ``sftkit_compose.json``: enough to know exactly what a model directory is made of."""
-    return {
+    record = {
         "sftkit_version": __version__,
         "base_model": base_model,
         "base_fingerprint": fingerprint,
         "architecture": architecture,
+        "merge": (merge or Merge()).record(),
         "sfts": [part.record() for part in parts],
     }
+    return record | ({"tuning": dict(tuning)} if tuning is not None else {})

@@ -4,7 +4,7 @@ Why: loading the whole model, touching every page with the sparse updates and sa
 several times a plain copy of the checkpoint (transformers 5 memory-maps checkpoints, so the plain
 ``from_pretrained`` + ``save_pretrained`` is little more than a file copy). Streaming copies each base
 tensor chunk by chunk from the checkpoint through a small pool of reused buffers (one per worker
-thread, plus one being written), adds Σ wᵢ φᵢ there and writes it
+thread, plus one being written), adds Σ wᵢ φᵢ (or the merge, ``Plan.addition``) there and writes it
 (``sftkit.safetensors_io``); no model is ever materialised — mergekit's lazy per-tensor idea.
 
 The target layout (parameter names, shapes, which ones form the head) comes from the model class
@@ -19,7 +19,7 @@ import json
 import shutil
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from sftkit.card import composed_model_card
 from sftkit.composition_plan import COMPOSE_RECORD, Plan, compose_record
 from sftkit.errors import BadInputError
 from sftkit.fingerprint import fingerprint_samples, sample_stride
+from sftkit.merging import Addition
 from sftkit.params import encoder_of, head_parameters
 from sftkit.safetensors_io import (
     TensorInfo,
@@ -155,14 +156,17 @@ def _patch_chunk(
     info: TensorInfo,
     first: int,
     last: int,
-    deltas: list[tuple[float, torch.Tensor, torch.Tensor]],
+    addition: Future[Addition],
     buffer: bytearray,
 ) -> tuple[int, torch.Tensor]:
-    """Read entries [first, last) of a base tensor into ``buffer`` and add Σ wᵢ φᵢ there.
+    """Read entries [first, last) of a base tensor into ``buffer`` and add Σ wᵢ φᵢ (or the merge) there.
 
     Returns the byte length and the base's fingerprint sample in that range (taken before any delta).
     Deltas are added with ``index_add_`` in the tensor's dtype, in SFT order, as
-    ``SparseFineTuning.apply`` does, so both composition paths give bit-identical weights.
+    ``SparseFineTuning.apply`` does, so both composition paths give bit-identical weights; a sign election
+    merges just this chunk's entries (``merging.Addition``), here on a worker thread. ``addition`` is computed on
+    the pool too (submitted before the parameter's chunks, so a worker never waits on a job queued behind it),
+    which keeps a merge's trim and draws off the thread that writes.
     """
     size = itemsize(info.dtype)
     raw = memoryview(buffer)[: (last - first) * size]
@@ -171,10 +175,7 @@ def _patch_chunk(
     stride, count = sample_stride((info.end - info.start) // size)
     lo, hi = -(-first // stride), min(count, -(-last // stride))  # sample positions i·stride in range
     base_sample = chunk[lo * stride - first :: stride][: max(0, hi - lo)].to(torch.float32, copy=True)
-    for weight, indices, values in deltas:
-        lo, hi = torch.searchsorted(indices, torch.tensor([first, last])).tolist()
-        if hi > lo:
-            chunk.index_add_(0, indices[lo:hi] - first, values[lo:hi].to(info.dtype), alpha=weight)
+    addition.result().add_to(chunk, first, last)
     del chunk
     raw.release()
     return (last - first) * size, base_sample
@@ -214,26 +215,17 @@ def _write_weights(
     )
     pieces: dict[str, list[torch.Tensor]] = {}
 
-    def deltas_of(name: str) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
-        relative = sources.relative(name)
-        found = []
-        for part in composition.parts:
-            delta = part.sft.diffs.get(relative)
-            if delta is not None:
-                found.append((part.weight, delta.indices, delta.values))
-        return found
-
-    def jobs(layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Iterator[tuple[str, Any]]:
+    def jobs(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], pool: Executor) -> Iterator[tuple[str, Any]]:
         for name, dtype, _ in packed_order(layout):
             key = keys.get(name)
             if key is None:
                 yield name, memoryview(head[name].to(dtype).contiguous().view(-1).view(torch.uint8).numpy())
                 continue
             descriptor, info = sources.tensors[key]
-            deltas = deltas_of(name)
+            addition = pool.submit(composition.addition, sources.relative(name))
             numel, per_chunk = state[name].numel(), CHUNK_BYTES // itemsize(dtype)
             for first in range(0, numel, per_chunk):
-                yield name, (descriptor, info, first, min(numel, first + per_chunk), deltas)
+                yield name, (descriptor, info, first, min(numel, first + per_chunk), addition)
 
     workers = max(1, torch.get_num_threads())
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -253,7 +245,7 @@ def _write_weights(
                 yield memoryview(buffer)[:length]
                 free.append(buffer)  # written: the writer asked for the next chunk
 
-            for name, job in jobs(layout):
+            for name, job in jobs(layout, pool):
                 if isinstance(job, memoryview):
                     pending.append((name, job, None))
                     continue
@@ -283,7 +275,11 @@ def _write_side_files(staging: Path, snapshot: Path, model, composition: Plan, b
         raise BadInputError(f"cannot load the tokenizer of {base!r}: no tokenizer files in {snapshot}")
     for name in copied:
         shutil.copyfile(snapshot / name, staging / name)
-    record = compose_record(base, fingerprint, type(model).__name__, composition.parts)
+    record = compose_record(
+        base, fingerprint, type(model).__name__, composition.parts, composition.merge, composition.tuning
+    )
     (staging / COMPOSE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    card = composed_model_card(base, record["sfts"], composition.labels, composition.head)
+    card = composed_model_card(
+        base, record["sfts"], composition.labels, composition.head, record["merge"], record.get("tuning")
+    )
     (staging / CARD_NAME).write_text(card)

@@ -322,6 +322,7 @@ LIBRARY_LAYERS: tuple[tuple[str, ...], ...] = (
         "sftkit.sft",
         "sftkit.card",
         "sftkit.composition_plan",
+        "sftkit.merging",
         "sftkit.base_model",
         "sftkit.fingerprint",
         "sftkit.safetensors_io",
@@ -330,6 +331,7 @@ LIBRARY_LAYERS: tuple[tuple[str, ...], ...] = (
     (  # jobs
         "sftkit.compose",
         "sftkit.streaming",
+        "sftkit.tuning",
         "sftkit.training",
         "sftkit.interop",
         "sftkit.hub",
@@ -340,7 +342,11 @@ LIBRARY_LAYERS: tuple[tuple[str, ...], ...] = (
     ),
 )
 # Jobs that must not lean on each other: training and composition each load θ0 through sftkit.base_model.
-SEPARATE_JOBS = (("sftkit.compose", "sftkit.streaming"), ("sftkit.training",), ("sftkit.interop", "sftkit.hub"))
+SEPARATE_JOBS = (
+    ("sftkit.compose", "sftkit.streaming", "sftkit.tuning"),
+    ("sftkit.training",),
+    ("sftkit.interop", "sftkit.hub"),
+)
 
 
 def layer_of(module: str) -> int | None:

@@ -84,6 +84,13 @@ def test_compose_json_output_and_weights(populated, tmp_path):
         (["--task", "sa", "--weights", "1,x"], "--weights must be"),
         (["--task", "sa", "--weights", "1,1"], "2 numbers for 1 SFTs"),
         ([], "nothing to compose"),
+        (["-t", "sa", "-l", "ban", "--merge", "ties", "--density", "0"], "--density must be in (0, 1], not 0"),
+        (["-t", "sa", "-l", "ban", "--merge", "dare-ties", "--density", "1.2"], "--density must be in (0, 1]"),
+        (["-t", "sa", "--merge", "ties"], "--merge ties elects signs between SFTs: it needs at least two, not 1"),
+        (["-t", "sa", "-l", "ban", "--merge", "ties", "--merge-seed", "3"], "--merge-seed only applies to DARE"),
+        (["-t", "sa", "-l", "ban", "--merge-seed", "3"], "--merge-seed only applies to DARE"),
+        (["-t", "sa", "-l", "ban", "--density", "0.5"], "--density needs a merge method that sparsifies"),
+        (["-t", "sa", "-l", "ban", "--merge", "slerp"], "must be one of sum, ties, dare-linear, dare-ties"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(populated, tmp_path, arguments, message):
@@ -92,6 +99,25 @@ def test_bad_input_exits_2_with_one_line(populated, tmp_path, arguments, message
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_compose_with_a_ties_merge_writes_what_the_api_composes(populated, tiny_base, tmp_path):
+    from sftkit.compose import compose
+
+    out = tmp_path / "m"
+    arguments = ["-t", "sa", "-l", "ban", "--weights", "1,0.8", "--merge", "ties", "--density", "0.5", "--no-normalize"]
+    result = runner.invoke(app, ["compose", *arguments, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "merge    ties (density 0.5, normalize False)" in result.output
+    sfts = [populated.load("task:sa"), populated.load("lang:ban")]
+    model = compose(str(tiny_base), sfts, [1.0, 0.8], merge="ties", density=0.5, normalize=False)
+    written = load_file(str(out / "model.safetensors"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(written[name], tensor), name
+    again = runner.invoke(
+        app, ["compose", *arguments[:4], "--merge", "dare-linear", "-o", str(tmp_path / "d"), "--json"]
+    )
+    assert json.loads(again.stdout)["merge"] == {"method": "dare-linear", "density": 1.0, "seed": 0, "normalize": None}
 
 
 def test_mismatched_base_is_refused(populated, tiny_base, tmp_path):

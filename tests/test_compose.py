@@ -256,13 +256,22 @@ def test_bad_arguments(tiny_base, sft_dirs):
         compose("/nonexistent/base", [task])
 
 
+MERGES = {
+    "sum": {},
+    "ties": {"merge": "ties", "density": 0.5},
+    "dare-ties": {"merge": "dare-ties", "density": 0.7, "merge_seed": 3},
+    "dare-linear": {"merge": "dare-linear", "density": 0.4},
+}
+
+
+@pytest.mark.parametrize("merge", MERGES)
 @pytest.mark.parametrize(
     ("shard", "threads", "chunk_bytes"), [("2GB", 1, 2**25), ("100KB", 2, 2**25), ("2GB", 2, 4096)]
 )
 def test_streaming_export_equals_in_memory_export(
-    tiny_base, sft_dirs, tmp_path, monkeypatch, shard, threads, chunk_bytes
+    tiny_base, sft_dirs, tmp_path, monkeypatch, shard, threads, chunk_bytes, merge
 ):
-    """Sharded or not, one worker or a pool, whole tensors or many small chunks: the same weights."""
+    """Sharded or not, one worker or a pool, whole tensors or many small chunks, any merge method: the same weights."""
     from sftkit import streaming
     from sftkit.compose import compose_to_directory
 
@@ -272,20 +281,24 @@ def test_streaming_export_equals_in_memory_export(
     torch.set_num_threads(threads)
     try:
         streamed = compose_to_directory(
-            str(tiny_base), sfts, tmp_path / "streamed", weights=[1.0, 0.7], max_shard_size=shard
+            str(tiny_base), sfts, tmp_path / "streamed", weights=[1.0, 0.7], max_shard_size=shard, **MERGES[merge]
         )
     finally:
         torch.set_num_threads(previous)
-    model = compose(str(tiny_base), sfts, weights=[1.0, 0.7])
-    in_memory = export(model, tmp_path / "in-memory", sfts, [1.0, 0.7])
+    model = compose(str(tiny_base), sfts, weights=[1.0, 0.7], **MERGES[merge])
+    in_memory = export(model, tmp_path / "in-memory", sfts, [1.0, 0.7], **MERGES[merge])
 
     a, b = _weights(streamed), _weights(in_memory)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    if merge != "sum":  # the merge really changed the weights
+        summed = compose(str(tiny_base), sfts, weights=[1.0, 0.7]).state_dict()
+        assert any(not torch.equal(a[name], summed[name]) for name in a)
     assert (shard == "100KB") == (streamed / "model.safetensors.index.json").exists()
     record = json.loads((streamed / COMPOSE_RECORD).read_text())
     assert record == json.loads((in_memory / COMPOSE_RECORD).read_text())
+    assert record["merge"]["method"] == merge
     assert [(p["kind"], p["weight"]) for p in record["sfts"]] == [("task", 1.0), ("language", 0.7)]
     _assert_same_predictions(streamed, _in_memory_predictions(model, tiny_base))
 

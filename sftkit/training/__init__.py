@@ -23,6 +23,7 @@ _LAZY = {
     "Reporter": "sftkit.training.trainer",
     "evaluate": "sftkit.training.evaluation",
     "evaluate_tagger": "sftkit.training.evaluation",
+    "scorer": "sftkit.training.evaluation",
     "load_tagged": "sftkit.training.token_data",
     "load_corpus": "sftkit.training.data",
     "load_labelled": "sftkit.training.data",

@@ -12,7 +12,7 @@ token-classification model on a CoNLL / JSONL file.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from sftkit.training.features import (
     GOLD_TAGS,
     SCORING_KEYS,
     WORD_INDEX,
+    fixed_batches,
     make_collator,
     tokenize_labelled,
     tokenize_tagged,
@@ -124,23 +125,64 @@ def evaluate(
     Labels come from the model's ``id2label``; a data label outside it is an error naming the line.
     """
     model, tokenizer, labels = _classifier(model_or_dir, tokenizer, AutoModelForSequenceClassification)
-    examples = load_labelled(
-        data,
-        pair=pair,
-        text_column=text_column,
-        text_pair_column=text_pair_column,
-        label_column=label_column,
-        labels=labels,
-    )
-    length = max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
-    items = tokenize_labelled(tokenizer, examples.examples, {label: i for i, label in enumerate(labels)}, length)
-    collate = DataCollatorWithPadding(tokenizer)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    items.sort(key=lambda item: len(item["input_ids"]))  # less padding; the confusion matrix ignores order
-    batches = (collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size))
-    return scores(confusion_of(model, batches, len(labels)), labels)
+    columns = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
+    return scorer(
+        data, tokenizer, labels, "sequence-classification", batch_size, max_length, device, pair=pair, **columns
+    )(model)
+
+
+def _device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def _length(tokenizer: Any, max_length: int | None) -> int:
+    return max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
+
+
+def scorer(
+    data: str | os.PathLike[str] | Sequence[Any],
+    tokenizer: Any,
+    labels: Sequence[str],
+    head: str = "sequence-classification",
+    batch_size: int = 64,
+    max_length: int | None = None,
+    device: str = "auto",
+    **reading: Any,
+) -> Callable[[Any], dict[str, Any]]:
+    """``model → evaluate``'s scores on ``data`` (``evaluate_tagger``'s for a ``token-classification`` head),
+    the data read, tokenised and batched once.
+
+    Why: ``sftkit compose --tune`` scores one model after another on the same small dev set. ``reading`` says how
+    ``load_labelled`` (``text_column``, ``text_pair_column``, ``label_column``, ``pair``) or ``load_tagged``
+    (``tokens_key``, ``tags_key``) reads ``data``.
+    """
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = load_tokenizer(str(tokenizer))
+    index, length = {label: i for i, label in enumerate(labels)}, _length(tokenizer, max_length)
+    if head == "token-classification":
+        sentences = load_tagged(data, list(labels), **reading).sentences
+        items = tokenize_tagged(tokenizer, sentences, index, length, scored=True)
+        collator = make_collator("tagging", tokenizer, 0.0)
+        unpredicted = sum(len(item[GOLD_TAGS]) - len(item[WORD_INDEX]) for item in items)
+
+        def measure(model: Any) -> dict[str, Any]:
+            return tag_scores(tag_counts_of(model, batches, labels), labels) | {"unpredicted_words": unpredicted}
+    else:
+        examples = load_labelled(data, labels=list(labels), **reading).examples
+        items, collator = tokenize_labelled(tokenizer, examples, index, length), DataCollatorWithPadding(tokenizer)
+
+        def measure(model: Any) -> dict[str, Any]:
+            return scores(confusion_of(model, batches, len(labels)), labels)
+
+    items.sort(key=lambda item: len(item["input_ids"]))  # less padding; the scores ignore order
+    batches = fixed_batches(items, collator, batch_size)
+    target = _device(device)
+
+    def score(model: Any) -> dict[str, Any]:
+        model.to(target)
+        return measure(model)
+
+    return score
 
 
 @torch.no_grad()
@@ -181,15 +223,5 @@ def evaluate_tagger(
     or wrong (POS), and ``"unpredicted_words"`` says how many there were.
     """
     model, tokenizer, labels = _classifier(model_or_dir, tokenizer, AutoModelForTokenClassification)
-    sentences = load_tagged(data, labels, tokens_key=tokens_key, tags_key=tags_key).sentences
-    length = max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512)
-    items = tokenize_tagged(tokenizer, sentences, {label: i for i, label in enumerate(labels)}, length, scored=True)
-    collate = make_collator("tagging", tokenizer, 0.0)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    items.sort(key=lambda item: len(item["input_ids"]))  # less padding; the count table ignores order
-    batches = (collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size))
-    result = tag_scores(tag_counts_of(model, batches, labels), labels)
-    result["unpredicted_words"] = sum(len(item[GOLD_TAGS]) - len(item[WORD_INDEX]) for item in items)
-    return result
+    keys = {"tokens_key": tokens_key, "tags_key": tags_key}
+    return scorer(data, tokenizer, labels, "token-classification", batch_size, max_length, device, **keys)(model)
