@@ -1,8 +1,9 @@
 """TIES / DARE merges and ``--tune`` on the NusaX miniature's SFTs (issue 20): do they beat θ0 + φ_T + φ_L?
 
 Reads a cache directory of ``benchmarks/nusax_mini.py`` (``benchmarks/out/nusax_mini/<kind>-<setting>-<base>-<digest>/``
-with ``budget.json``, ``sft/`` and ``state.json``) and, for each core method (LT-SFT, DEFT-X 90var), task seed and
-target, composes the task SFT with the target's language SFT on the miniature's θ0 (its fitted base):
+with ``budget.json`` and ``state.json``, whose ``sft_paths`` name the SFTs in the shared ``sft/`` cache) and,
+for each core method (LT-SFT, DEFT-X 90var), task seed and target, composes the task SFT with the target's
+language SFT on the miniature's θ0 (its fitted base):
 
 - ``ties`` and ``dare-ties`` at D ∈ {0.3, 0.6, 0.9}, weights 1 and 1 (DARE seed 0);
 - ``sum`` and ``ties`` tuned (``sftkit.tuning.tune``, sftkit's default candidates: w_L ∈ {0, .25, .5, .75, 1}, for
@@ -67,10 +68,10 @@ class Cache:
     def sft(self, name: str):
         from sftkit.sft import SparseFineTuning
 
-        path = self.directory / "sft" / name
-        if not path.is_dir():
-            mini.fail(f"{path} is missing: run benchmarks/nusax_mini.py for this budget first")
-        return SparseFineTuning.load(path)
+        recorded = self.core.get("sft_paths", {}).get(name)  # the miniature's shared SFT cache, by its own key
+        if recorded is None or not Path(recorded).is_dir():
+            mini.fail(f"SFT {name} of {self.directory} is missing: run benchmarks/nusax_mini.py for this budget first")
+        return SparseFineTuning.load(recorded)
 
     def task(self, method: str, seed: int):
         return self.sft(f"task-{mini.method_key(method)}-s{seed}")

@@ -48,9 +48,13 @@ def test_merges_and_tuning_on_a_cache_of_tiny_sfts(tmp_path, tiny_base):
     cache.mkdir()
     (cache / "budget.json").write_text(json.dumps({**asdict(budget), "fitted_base": str(tiny_base)}))
     task, language, _ = random_sfts(tiny_base)
+    paths = {}  # as the miniature records them in its state: SFTs live in a cache shared by budgets
     for method in mini.CORE_METHODS:
-        task.save(cache / "sft" / f"task-{mini.method_key(method)}-s0")
-        language.save(cache / "sft" / f"lang-ace-{mini.method_key(method)}")
+        key = mini.method_key(method)
+        for name, sft in ((f"task-{key}-s0", task), (f"lang-ace-{key}", language)):
+            sft.save(tmp_path / "sft" / name)
+            paths[name] = str(tmp_path / "sft" / name)
+    (cache / "state.json").write_text(json.dumps({"scores": {}, "seconds": {}, "sft_paths": paths}))
 
     assert merge.main(["--cache", str(cache), "--seeds", "1", "--resamples", "50"]) == 0
     report = json.loads((cache / "merge.json").read_text())
