@@ -39,8 +39,8 @@ SCHEDULES = {
         "lr": 1e-3,
         "max_steps": 100,
         "eval_steps": 25,
-        "batch_size": 32,
-        "max_length": 64,
+        "batch_size": 128,  # blocks of 16 tokens: θ0's pretraining blocks (sftkit.toy.PRETRAINING), 2 048 a step
+        "max_length": 16,
         "k": 0.028,
         "l1": 0.1,
     },
