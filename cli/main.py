@@ -16,7 +16,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from sftkit import __version__
-from sftkit.cli.context import err_console, state
+from sftkit.cli.context import err_console, state, transfer_bars
 from sftkit.errors import BadInputError, SftkitError
 
 
@@ -67,12 +67,20 @@ def _global(
         str | None,
         typer.Option(envvar="SFTKIT_REGISTRY_URL", help="SQLAlchemy URL of a shared registry database."),
     ] = None,
+    artifact_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SFTKIT_ARTIFACT_URL",
+            help="Where artifacts live: s3://bucket/prefix, a shared path, any fsspec URL. Default: the home's store.",
+        ),
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
     st = state(ctx)
     st.verbose, st.quiet, st.home, st.registry_url = verbose, quiet, home, registry_url
+    st.artifact_url, st.transfer_bars = artifact_url, transfer_bars(ctx)
     if not verbose:
         # Our own rich progress bars and one-line errors replace the libraries' tqdm bars and load reports.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -23,7 +23,7 @@ def reg(request, sftkit_home):
 
 
 def artifact_dirs(registry: Registry) -> set[str]:
-    return {p.name for p in registry.store.root.glob("??/*") if p.is_dir()}
+    return set(registry.store.inventory()[0])
 
 
 def test_add_assigns_gap_free_versions_per_series(reg):
@@ -276,13 +276,13 @@ def test_verify_finds_missing_and_incomplete_artifacts_and_gc_collects_orphans(r
 
     orphan = reg.store.path_for("ab" * 32)
     tiny_sft("zzz", seed=4).save(orphan)
-    leftover = reg.store.root / ".staging" / "deadbeef"
-    leftover.mkdir(parents=True)
-    (leftover / "partial").write_bytes(b"x")
-    removed = set(reg.gc())
-    assert removed == {orphan, leftover}
-    assert kept.path.is_dir() and incomplete.path.is_dir() and not orphan.exists()
-    assert reg.gc() == []
+    leftover = kept.path / "sft_model.safetensors.partial-deadbeef"  # an upload killed mid-way
+    leftover.write_bytes(b"x")
+    assert reg.gc() == []  # younger than the default grace period: maybe an upload still in flight
+    removed = set(reg.gc(grace_seconds=0))
+    assert removed == {str(orphan), str(leftover)}
+    assert kept.path.is_dir() and incomplete.path.is_dir() and not orphan.exists() and not leftover.exists()
+    assert reg.gc(grace_seconds=0) == []
 
 
 def test_record_to_dict_is_json_ready(reg):
