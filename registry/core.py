@@ -86,6 +86,7 @@ class Registry(Finder):
         local_store: Path,
         artifact_location: str | None = None,
         readonly: bool = False,
+        home_database: bool = False,
     ) -> None:
         self.home = home
         self.db = database
@@ -95,6 +96,7 @@ class Registry(Finder):
         self._local_store = normalized_artifact_url(str(local_store))
         self._requested = normalized_artifact_url(artifact_location) if artifact_location else None
         self._store: ArtifactStore | None = None
+        self._home_database = home_database  # the home's own SQLite file: its store travels with it
         self._claimed: str | None = None
         self._schema_checked = False
 
@@ -115,7 +117,7 @@ class Registry(Finder):
         home_dir = home_directory(home)
         url = registry_url(url)
         store_dir = store_directory(home_dir, store)
-        readonly = False
+        readonly, home_database = False, url is None
         if url is None:
             db_path = home_dir / DB_NAME
             if not writable_directory(home_dir):
@@ -126,7 +128,8 @@ class Registry(Finder):
                     )
                 readonly = True
             url = sqlite_url(db_path, readonly=readonly)
-        return cls(home_dir, Database(url, readonly=readonly), store_dir, artifact_url(artifacts), readonly)
+        database = Database(url, readonly=readonly)
+        return cls(home_dir, database, store_dir, artifact_url(artifacts), readonly, home_database)
 
     def close(self) -> None:
         self.db.dispose()
@@ -183,15 +186,15 @@ class Registry(Finder):
     def _settle_location(self, session: Session, store: ArtifactStore) -> None:
         """In a write transaction: fail over to a retry if the location moved, record it on first use.
 
-        A server database records even the default local store, so that another machine opening it says
-        where the artifacts are instead of silently missing them.
+        A database outside the home (a server, a shared file) records even the default local store, so that
+        another machine opening it says where the artifacts are instead of silently missing them.
         """
         current = self._location(session, lock=True)
         if current != store.url:
             self._store = None
             raise _Retry
         recorded = session.get(InfoRow, ARTIFACT_URL_KEY)
-        if recorded is None and (self._requested or self.db.engine.dialect.name != "sqlite"):
+        if recorded is None and (self._requested or not self._home_database):
             session.add(InfoRow(key=ARTIFACT_URL_KEY, value=store.url))
             session.flush()
         self._claim(store, session)
@@ -249,7 +252,7 @@ class Registry(Finder):
                 known = session.scalar(select(SFTRow.id).where(SFTRow.sha256 == info.sha256)) is not None
                 self._claim(self.store, session)  # before any byte lands in another registry's location
             if not known:
-                self._upload(self.store, info, sizes)
+                self.store.upload(info.path, info.sha256)  # idempotent: equal bytes under the same keys
             for attempt in range(1, _ADD_ATTEMPTS + 1):
                 store = self.store
                 try:
@@ -259,17 +262,10 @@ class Registry(Finder):
                     if attempt == _ADD_ATTEMPTS:
                         raise SftkitError(f"could not add {info.path}: concurrent writers kept clashing") from exc
                     if isinstance(exc, _Retry) and self._store is not None:
-                        self._upload(store, info, sizes)
+                        store.upload(info.path, info.sha256)
             if store.remote:
                 self.cache.adopt(directory, info.sha256)  # this machine never downloads what it uploaded
         return record
-
-    def _upload(self, store: ArtifactStore, info: ArtifactInfo, sizes: dict[str, int]) -> None:
-        """Make the artifact present and verified at ``store``: reuse a complete copy that hashes right
-        (left by an add that died before its row), else upload, which hashes what landed."""
-        if _same_sizes(store, info.sha256, sizes) and store.hash(info.sha256) == info.sha256:
-            return
-        store.upload(info.path, info.sha256)
 
     def _insert(
         self,

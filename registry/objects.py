@@ -41,9 +41,15 @@ TransferProgress = Callable[[str, int], AbstractContextManager[Callable[[int], N
 TEMPORARY_MARK = ".partial-"  # a file system upload in flight: <name>.partial-<uuid>, renamed when complete
 MARKER_NAME = ".registry-id"
 PROGRESS_MIN_BYTES = 8 << 20  # smaller transfers end before a bar would be read
-# Bounded retries: an unreachable endpoint is one clear error within seconds, not minutes of backoff.
-_S3_OPTIONS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3}}}
-_S3_FS_RETRIES = 2
+# Bounded retries: an unreachable endpoint is one clear error within seconds, not minutes of backoff
+# (botocore retries; s3fs's own retry loop around it is cut to one pass). AWS_MAX_ATTEMPTS still rules.
+_S3_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 60}
+_S3_MAX_ATTEMPTS = 3
+# One client per location and AWS environment in a process: creating one costs ~0.2 s (botocore's models).
+_CLIENTS: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[AbstractFileSystem, str]] = {}
+# Locations this process has checked (bucket there, credentials good) and found bound to a registry id.
+_REACHABLE: set[int] = set()
+_CLAIMED: dict[int, str] = {}
 _UNREACHABLE = {
     "EndpointConnectionError",
     "ConnectTimeoutError",
@@ -73,7 +79,6 @@ class ArtifactStore:
         self.progress = progress
         self._fs: AbstractFileSystem | None = None
         self._root = ""
-        self._reachable = False
 
     @property
     def remote(self) -> bool:
@@ -99,12 +104,7 @@ class ArtifactStore:
                 if self.local_root is not None:
                     self._fs, self._root = fsspec.filesystem("file"), str(self.local_root)
                 else:
-                    options: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
-                    if self.url.startswith(("s3://", "s3a://")):
-                        options |= _S3_OPTIONS
-                    self._fs, self._root = fsspec.core.url_to_fs(self.url, **options)
-                    if hasattr(self._fs, "retries"):
-                        self._fs.retries = _S3_FS_RETRIES
+                    self._fs, self._root = _client(self.url)
             except ImportError as exc:
                 extra = " (pip install 'sftkit[s3]')" if self.url.startswith("s3") else ""
                 raise BadInputError(f"no installed backend can open {self.url}: {exc}{extra}") from exc
@@ -136,8 +136,10 @@ class ArtifactStore:
                 raise SftkitError(f"cannot reach {self.url} while {action} ({_reason(exc)}); {self.hint()}") from exc
             raise SftkitError(f"storage error while {action} at {self.url}: {_reason(exc)}") from exc
         except Exception as exc:
-            if _named(exc, _UNREACHABLE | {"NoCredentialsError", "PartialCredentialsError"}):
-                raise SftkitError(f"cannot use {self.url} while {action} ({_reason(exc)}); {self.hint()}") from exc
+            if _named(exc, _UNREACHABLE):
+                raise SftkitError(f"cannot reach {self.url} while {action} ({_reason(exc)}); {self.hint()}") from exc
+            if _named(exc, {"NoCredentialsError", "PartialCredentialsError"}):
+                raise BadInputError(f"no usable credentials for {self.url} ({_reason(exc)}); {self.hint()}") from exc
             raise
 
     def hint(self) -> str:
@@ -153,9 +155,9 @@ class ArtifactStore:
 
     def ensure_reachable(self, write: bool = False) -> None:
         """Fail early, in one line, on a missing bucket, wrong credentials or an unreachable endpoint."""
-        if self._reachable and not write:
-            return
         fs, root = self._filesystem()
+        if id(fs) in _REACHABLE and (self.remote or not write):
+            return
         if self.local_root is not None:
             if write:
                 try:
@@ -168,7 +170,7 @@ class ArtifactStore:
                         f"the artifact store {self.local_root} is not writable ({exc.strerror or exc}): "
                         "use a writable --home / SFTKIT_HOME (or SFTKIT_STORE, --artifact-url)"
                     ) from exc
-        elif not self._reachable:
+        else:
             bucket = root.split("/", 1)[0]
             with self.errors("opening the artifact location"):
                 try:
@@ -178,7 +180,7 @@ class ArtifactStore:
                         f"the bucket {bucket!r} of the artifact location {self.url} does not exist: create it, "
                         "or fix --artifact-url / SFTKIT_ARTIFACT_URL"
                     ) from None
-        self._reachable = True
+        _REACHABLE.add(id(fs))
 
     def claim(self, registry_id: str) -> None:
         """Bind the location to one registry database.
@@ -187,19 +189,23 @@ class ArtifactStore:
         lose artifacts: refuse that instead. (Two databases claiming one empty location at the same instant
         are not caught; nothing else can be.)
         """
+        self.ensure_reachable(write=True)
         fs, root = self._filesystem()
+        if _CLAIMED.get(id(fs)) == registry_id and self.remote:
+            return
         marker = f"{root}/{MARKER_NAME}"
-        with self.errors("reading the registry marker"):
+        with self.errors("opening the artifact location"):
             try:
                 owner = fs.cat_file(marker).decode().strip()
             except FileNotFoundError:
                 self._publish_bytes((registry_id + "\n").encode(), marker)
-                return
+                owner = registry_id
         if owner != registry_id:
             raise BadInputError(
                 f"the artifact location {self.url} belongs to another registry database (id {owner}, this one is "
                 f"{registry_id}): give each registry database its own location"
             )
+        _CLAIMED[id(fs)] = registry_id
 
     # ------------------------------------------------------------------ transfers
     @contextlib.contextmanager
@@ -221,7 +227,7 @@ class ArtifactStore:
         with self.errors("uploading an artifact"), self._transfer(f"uploading {sha256[:12]}", total) as advance:
             for name, path in files:
                 self._publish(path, self._key(sha256, name), advance)
-        landed = self.hash(sha256)
+        landed = self.hash(sha256, present={name: path.stat().st_size for name, path in files})
         if landed != sha256:
             raise SftkitError(
                 f"the copy uploaded to {self.address(sha256)} hashes to {str(landed)[:12]}, not {sha256[:12]} "
@@ -287,18 +293,25 @@ class ArtifactStore:
                 found[name] = StoredFile(name, int(entry.get("size") or 0), _modified(entry))
         return found
 
-    def hash(self, sha256: str, on_bytes: Callable[[int], None] | None = None) -> str | None:
-        """The content hash of the copy at the location, read back in full; None when nothing is there."""
+    def hash(
+        self, sha256: str, on_bytes: Callable[[int], None] | None = None, present: dict[str, int] | None = None
+    ) -> str | None:
+        """The content hash of the copy at the location, read back in full; None when nothing is there.
+
+        ``present`` (file sizes, when the caller just wrote them) spares listing the artifact first.
+        """
         fs, _ = self._filesystem()
-        present = self.files(sha256)
+        if present is None:
+            present = {name: stored.size for name, stored in self.files(sha256).items()}
         if not present:
             return None
 
         def open_file(name: str) -> BinaryIO | None:
             if name not in present:
                 return None
+            sized = {"size": present[name]} if self.remote else {}  # spares a HEAD per file
             try:
-                return fs.open(self._key(sha256, name), "rb")
+                return fs.open(self._key(sha256, name), "rb", **sized)
             except FileNotFoundError:
                 return None
 
@@ -343,6 +356,29 @@ class ArtifactStore:
             if TEMPORARY_MARK in parts[2]:
                 temporary.append((key, modified))
         return artifacts, temporary
+
+
+def _client(url: str) -> tuple[AbstractFileSystem, str]:
+    """An fsspec file system for a remote location, shared by the process's stores with the same environment.
+
+    Listings are never cached: another host may have written or deleted a file a moment ago.
+    """
+    import fsspec
+
+    environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = (url, environment)
+    if key not in _CLIENTS:
+        options: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
+        if url.startswith(("s3://", "s3a://")):
+            config: dict[str, Any] = dict(_S3_TIMEOUTS)
+            if "AWS_MAX_ATTEMPTS" not in os.environ:
+                config["retries"] = {"max_attempts": _S3_MAX_ATTEMPTS, "mode": "standard"}
+            options["config_kwargs"] = config
+        fs, root = fsspec.core.url_to_fs(url, **options)
+        if hasattr(fs, "retries"):
+            fs.retries = 1
+        _CLIENTS[key] = (fs, root)
+    return _CLIENTS[key]
 
 
 def _callback(advance: Callable[[int], None]) -> Any:

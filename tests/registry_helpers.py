@@ -53,6 +53,32 @@ def tiny_sft(
     return SparseFineTuning.from_dense_deltas(deltas, full={"classifier.weight": torch.ones(2, 4)}, metadata=meta)
 
 
+def base_sft(model, kind: str, name: str, base: str, seed: int):
+    """A random SFT of every maskable parameter of ``model`` (5 % dense) plus its head: composable on ``base``."""
+    import torch
+
+    from sftkit.fingerprint import base_fingerprint
+    from sftkit.params import head_parameters, maskable_parameters
+    from sftkit.sft import SFTMetadata, SparseFineTuning
+    from sftkit.toy import LABELS
+
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {
+        n: torch.randn(p.shape, generator=generator) * (torch.rand(p.shape, generator=generator) < 0.05)
+        for n, p in maskable_parameters(model)
+    }
+    head = {n: torch.randn(p.shape, generator=generator) for n, p in head_parameters(model)}
+    metadata = SFTMetadata(
+        kind=kind,
+        language=name if kind == "language" else None,
+        task=name if kind == "task" else None,
+        labels=list(LABELS) if kind == "task" else None,
+        base_model=base,
+        base_fingerprint=base_fingerprint(model),
+    )
+    return SparseFineTuning.from_dense_deltas(deltas, head, metadata)
+
+
 def sft_dirs(root: Path, count: int, name: str = "ace", start_seed: int = 0) -> list[Path]:
     """``count`` distinct SFT directories, for processes that should not need torch."""
     return [tiny_sft(name, seed=start_seed + i).save(root / f"{name}-{i}") for i in range(count)]

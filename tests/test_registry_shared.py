@@ -1,0 +1,344 @@
+"""A registry shared by two machines: one database and one S3 bucket, each machine its own ``SFTKIT_HOME``.
+
+The bucket lives on moto's S3 server on 127.0.0.1 (real HTTP; s3fs talks to it as to AWS). The database is
+PostgreSQL when ``SFTKIT_TEST_PG_URL`` names one (CI), and always also a SQLite file both homes open by URL:
+on one host that is a faithful stand-in for the database half (SQLite serialises writers where PostgreSQL
+uses row locks, and both go through the same code), while the artifacts half — the part that must hold
+without any lock spanning hosts — is the real S3 protocol either way. Everything runs through the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import registry_workers
+import torch
+from registry_helpers import backend_url, base_sft, sft_dirs
+from typer.testing import CliRunner
+
+from sftkit.cli.main import app
+from sftkit.registry.artifacts import hash_artifact
+from sftkit.sft import SparseFineTuning
+
+SHARED = ["sqlite-file", pytest.param("postgresql", marks=pytest.mark.postgres)]
+PREFIX = "team/sftkit"
+
+
+class Machine:
+    """``sftkit ARGS…`` as run on one machine: its own home, the shared database and the AWS environment."""
+
+    def __init__(self, home: Path, database: str, artifacts: str | None, aws: dict[str, str]) -> None:
+        self.home = home
+        self.env = {**aws, "SFTKIT_HOME": str(home), "SFTKIT_REGISTRY_URL": database, "SFTKIT_ARTIFACT_URL": artifacts}
+
+    def __call__(self, *args: object, code: int = 0):
+        result = CliRunner().invoke(app, [str(a) for a in args], env=self.env)
+        assert result.exit_code == code, (args, result.output)
+        return result
+
+    def json(self, *args: object):
+        return json.loads(self(*args, "--json").stdout)
+
+    def error(self, *args: object, code: int) -> str:
+        """The one line a refused command prints (never a traceback)."""
+        result = self(*args, code=code)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        return lines[0]
+
+
+@pytest.fixture(params=SHARED)
+def database(request, tmp_path) -> str:
+    if request.param == "sqlite-file":
+        yield f"sqlite:///{tmp_path / 'shared.db'}"
+        return
+    with backend_url("postgresql") as url:
+        yield url
+
+
+@pytest.fixture
+def machines(database, s3_bucket, aws_env, tmp_path, monkeypatch) -> tuple[Machine, Machine]:
+    """A, who created the registry on the bucket, and B, who only knows the database URL."""
+    for name in ("SFTKIT_HOME", "SFTKIT_REGISTRY_URL", "SFTKIT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    a = Machine(tmp_path / "home-a", database, f"s3://{s3_bucket}/{PREFIX}", aws_env)
+    b = Machine(tmp_path / "home-b", database, None, aws_env)
+    return a, b
+
+
+def bucket_artifacts(bucket: str) -> set[str]:
+    """The sha256 of every artifact directory in the bucket, read with a plain S3 client."""
+    import s3fs
+
+    keys = s3fs.S3FileSystem(skip_instance_cache=True).find(f"{bucket}/{PREFIX}")
+    return {key.split("/")[-2] for key in keys if key.count("/") == PREFIX.count("/") + 4}
+
+
+@pytest.fixture(scope="module")
+def composable(tiny_base, tmp_path_factory) -> dict[str, Path]:
+    """A language SFT and a task SFT of the tiny base, as directories."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    root = tmp_path_factory.mktemp("composable")
+    mlm = AutoModelForMaskedLM.from_pretrained(tiny_base)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=3)
+    return {
+        "ban": base_sft(mlm, "language", "ban", str(tiny_base), 1).save(root / "ban"),
+        "sa": base_sft(classifier, "task", "sa", str(tiny_base), 2).save(root / "sa"),
+    }
+
+
+def test_an_sft_imported_on_a_is_listed_shown_composed_exported_and_verified_on_b(
+    machines, composable, s3_bucket, tmp_path
+):
+    a, b = machines
+    for directory in composable.values():
+        a("import", directory)
+    listed = b.json("list")
+    assert sorted(r["reference"] for r in listed) == ["lang:ban@1", "task:sa@1"]
+    assert all(r["location"] == f"s3://{s3_bucket}/{PREFIX}/{r['sha256'][:2]}/{r['sha256']}" for r in listed)
+    assert bucket_artifacts(s3_bucket) == {r["sha256"] for r in listed}
+
+    shown = b("show", "task:sa").stdout
+    assert f"s3://{s3_bucket}/{PREFIX}/" in shown and "local copy" in shown
+    b("compose", "--task", "sa", "--lang", "ban", "-o", tmp_path / "model-b")
+    a("compose", "--task", "sa", "--lang", "ban", "-o", tmp_path / "model-a")
+    weights = "model.safetensors"
+    assert (tmp_path / "model-b" / weights).read_bytes() == (tmp_path / "model-a" / weights).read_bytes()
+    b("export", "ban", "--format", "sftkit", "-o", tmp_path / "exported")
+    exported, original = (SparseFineTuning.load(d) for d in (tmp_path / "exported", composable["ban"]))
+    assert exported.diffs.keys() == original.diffs.keys()
+    assert all(torch.equal(exported.diffs[n].values, original.diffs[n].values) for n in original.diffs)
+    assert "all artifacts verified" in b("verify").stdout
+    assert b.json("cache")["entries"] == 2  # B downloaded each artifact once
+
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).rm(f"{s3_bucket}/{PREFIX}", recursive=True)
+    b("compose", "--task", "sa", "--lang", "ban", "-o", tmp_path / "again", "--force")  # from B's cache alone
+    assert b.json("cache", "--prune", "--max-size", "0")["entries"] == 0
+    assert "artifact of task:sa@1 is missing at s3://" in b.error("show", "task:sa", code=1)
+
+
+@pytest.fixture
+def server_database(tmp_path) -> str:
+    """PostgreSQL when there is one (the multi-host case), else the shared SQLite file: one run either way."""
+    if not os.environ.get("SFTKIT_TEST_PG_URL"):
+        yield f"sqlite:///{tmp_path / 'shared.db'}"
+        return
+    with backend_url("postgresql") as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_concurrent_imports_on_two_machines_get_gap_free_versions(server_database, s3_bucket, aws_env, tmp_path):
+    """8 processes × 25 imports, alternating between the two homes, every series contended."""
+    bucket = f"s3://{s3_bucket}/{PREFIX}"  # a team sets it on every machine: the first add records it
+    a, b = (Machine(tmp_path / f"home-{m}", server_database, bucket, aws_env) for m in "ab")
+    languages = ("ace", "ban", "bjn", "min")
+    directories = [d for lang in languages for d in sft_dirs(tmp_path / "sfts", 50, name=lang)]
+    random.Random(0).shuffle(directories)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["registry_workers", "sftkit.cli.main", "sftkit.registry.core", "sftkit.sft"])
+    workers = [
+        context.Process(target=registry_workers.cli_import_all, args=((a, b)[i % 2].env, directories[i::8]))
+        for i in range(8)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0] * 8
+
+    records = b.json("list")
+    assert len(records) == 200
+    versions = defaultdict(list)
+    for record in records:
+        versions[record["language"]].append(record["version"])
+    assert {lang: sorted(v) for lang, v in versions.items()} == {lang: list(range(1, 51)) for lang in languages}
+    assert {r["sha256"] for r in records} == {hash_artifact(d)[0] for d in directories}
+    assert bucket_artifacts(s3_bucket) == {r["sha256"] for r in records}  # each stored once, nothing extra
+    assert "all artifacts verified" in a("verify").stdout
+
+
+@pytest.mark.slow
+def test_killed_imports_leave_a_consistent_registry_and_gc_removes_exactly_the_orphans(machines, s3_bucket, tmp_path):
+    a, b = machines
+    b.env["SFTKIT_ARTIFACT_URL"] = a.env["SFTKIT_ARTIFACT_URL"]
+    pool = [d for lang in ("ace", "ban") for d in sft_dirs(tmp_path / "sfts", 30, name=lang)]
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["registry_workers", "sftkit.cli.main", "sftkit.registry.core", "sftkit.sft"])
+    rng = random.Random(4321)
+    log = tmp_path / "completed"
+    for kill in range(20):
+        ready = context.Event()
+        machine = (a, b)[kill % 2]
+        worker = context.Process(
+            target=registry_workers.cli_import_until_killed,
+            args=(machine.env, rng.sample(pool, len(pool)), ready, str(log)),
+        )
+        worker.start()
+        assert ready.wait(60)
+        worker.join(timeout=rng.uniform(0.0, 0.5))  # a few imports long: the kill lands anywhere in one
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join()
+        assert worker.exitcode == -signal.SIGKILL  # it was still importing when it died
+
+    records = a.json("list")
+    completed = set(log.read_text().split())
+    assert completed, "no import ever completed: the kills came too early to test anything"
+    assert completed <= {r["sha256"] for r in records}  # every import that returned is registered
+    assert "all artifacts verified" in b("verify").stdout  # no row without its complete artifact
+    versions = defaultdict(list)
+    for record in records:
+        versions[record["language"]].append(record["version"])
+    for numbers in versions.values():  # a killed transaction never burns a version
+        assert sorted(numbers) == list(range(1, len(numbers) + 1))
+
+    referenced = {r["sha256"] for r in records}
+    orphans = bucket_artifacts(s3_bucket) - referenced
+    assert orphans, "no kill landed between an upload and its row"
+    assert "0 unreferenced" in b("gc").stdout  # all younger than the grace period: maybe uploads in flight
+    removed = [line.split()[-1] for line in b("gc", "--grace", "0").stdout.splitlines() if line.startswith("removed")]
+    assert {address.rsplit("/", 1)[-1] for address in removed} == orphans
+    assert bucket_artifacts(s3_bucket) == referenced
+    assert "all artifacts verified" in a("verify").stdout
+
+
+def test_a_second_machine_is_told_where_the_artifacts_are(database, aws_env, tmp_path, composable, monkeypatch):
+    """Without an artifact URL the registry records A's local store; B says it cannot see it, in one line."""
+    monkeypatch.delenv("SFTKIT_STORE", raising=False)
+    a = Machine(tmp_path / "home-a", database, None, aws_env)
+    b = Machine(tmp_path / "home-b", database, None, aws_env)
+    a("import", composable["ban"])
+    b("show", "ban")  # on one host B sees A's directory …
+    shutil.rmtree(a.home / "store")  # … which another machine would not
+    line = b.error("show", "ban", code=2)
+    assert f"{(a.home / 'store').resolve().as_uri()}, which this machine cannot see" in line
+    assert "migrate-artifacts" in line
+
+    other = Machine(tmp_path / "home-c", database, "s3://elsewhere/p", aws_env)
+    line = other.error("list", code=2)
+    assert "this registry keeps its artifacts at file://" in line and "not s3://elsewhere/p" in line
+
+
+def test_migrate_artifacts_moves_a_laptop_registry_to_s3_resumably(composable, s3_bucket, aws_env, tmp_path):
+    laptop = Machine(tmp_path / "laptop", f"sqlite:///{tmp_path / 'laptop.db'}", None, aws_env)
+    for directory in composable.values():
+        laptop("import", directory)
+    before = laptop.json("list")
+    target = f"s3://{s3_bucket}/moved"
+
+    from sftkit.registry.objects import ArtifactStore
+
+    ArtifactStore(target).upload(composable["ban"], hash_artifact(composable["ban"])[0])  # a run cut short
+    out = laptop("db", "migrate-artifacts", "--to", target).stdout
+    assert "1 copied, 1 already there" in out
+    after = laptop.json("list")
+    assert [(r["reference"], r["sha256"]) for r in after] == [(r["reference"], r["sha256"]) for r in before]
+    assert all(r["location"].startswith(f"{target}/") for r in after)
+    assert laptop.json("db", "status")["artifacts"] == target
+    shutil.rmtree(laptop.home / "store")  # the old copies are no longer used
+    assert "all artifacts verified" in laptop("verify").stdout
+    laptop("compose", "--task", "sa", "--lang", "ban", "-o", tmp_path / "model")
+    assert "already at" in laptop.error("db", "migrate-artifacts", "--to", target, code=2)
+
+
+def test_storage_failures_are_one_clear_line_and_change_nothing(machines, composable, s3_bucket, tmp_path):
+    a, b = machines
+    a("import", composable["sa"])
+    unchanged = a.json("list")
+
+    unreachable = Machine(a.home, a.env["SFTKIT_REGISTRY_URL"], a.env["SFTKIT_ARTIFACT_URL"], a.env)
+    unreachable.env |= {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}  # no backoff to sit out
+    assert "cannot reach s3://" in unreachable.error("import", composable["ban"], code=1)
+    nowhere = Machine(b.home, b.env["SFTKIT_REGISTRY_URL"], None, unreachable.env)
+    assert "AWS_ENDPOINT_URL" in nowhere.error("show", "task:sa", code=1)
+
+    bucketless = Machine(tmp_path / "fresh", f"sqlite:///{tmp_path / 'fresh.db'}", "s3://no-such-bucket/p", a.env)
+    assert "the bucket 'no-such-bucket' of the artifact location" in bucketless.error(
+        "import", composable["ban"], code=2
+    )
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    sha = unchanged[0]["sha256"]
+    key = f"{s3_bucket}/{PREFIX}/{sha[:2]}/{sha}/sft_model.safetensors"
+    data = bytearray(fs.cat_file(key))
+    data[-1] ^= 0x01  # same size, one bit off
+    fs.pipe_file(key, bytes(data))
+    assert "does not match its sha256" in b.error("export", "task:sa", "-o", tmp_path / "out", code=1)
+    assert "does not match its sha256" in b.error("compose", "--task", "sa", "-o", tmp_path / "m", code=1)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m").exists()
+    assert b.json("cache")["entries"] == 0 and not any((b.home / "cache" / ".partial").iterdir())
+    problems = json.loads(b("verify", "--json", code=1).stdout)
+    assert [(p["reference"], p["problem"]) for p in problems] == [("task:sa@1", "content does not match its sha256")]
+    assert a.json("list") == unchanged
+
+
+def test_wrong_credentials_are_one_clear_line(composable, tmp_path, aws_env):
+    """A second moto server that checks credentials (its IAM knows no keys): every request is refused."""
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert time.monotonic() < deadline and server.poll() is None, "moto did not start"
+            time.sleep(0.1)
+        env = {**aws_env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_SECRET_ACCESS_KEY": "wrong"}
+        machine = Machine(tmp_path / "home", f"sqlite:///{tmp_path / 'r.db'}", "s3://team/p", env)
+        line = machine.error("import", composable["ban"], code=2)
+        assert "access denied" in line and "AWS_ACCESS_KEY_ID" in line
+        assert machine.json("list") == []
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_a_full_disk_during_a_cache_fill_keeps_nothing(machines, composable, tmp_path):
+    """B's cache on a 32 KiB tmpfs (a private mount namespace): the download hits ENOSPC mid-way."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode:
+        pytest.skip("cannot create a private mount namespace here (unshare -Urm)")
+    a, b = machines
+    a("import", composable["ban"])
+    assert (composable["ban"] / "sft_model.safetensors").stat().st_size > 64 << 10
+    cache = b.home / "cache"
+    cache.mkdir(parents=True)
+    # In the namespace: mount, run the command, then list what it left in the cache (the mount dies with it).
+    script = 'mount -t tmpfs -o size=64k tmpfs "$1" || exit 99; c=$1; shift; "$@"; r=$?; find "$c" -type f; exit $r'
+    command = [sys.executable, "-c", "from sftkit.cli.main import main; main()", "export", "ban", "-o", "out"]
+    env = {**os.environ, **{k: v for k, v in b.env.items() if v is not None}}
+    result = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script, "sh", str(cache), *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "no space left in the artifact cache" in lines[0]
+    assert not (tmp_path / "out").exists()
+    assert result.stdout.strip() == ""  # no file left in the cache, complete or partial
