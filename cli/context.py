@@ -51,6 +51,11 @@ class State:
             self._registry.progress = self.transfer_bars
         return self._registry
 
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
+
     def listing(self) -> Finder:
         """For read-only ``find``: skips SQLAlchemy's import when the registry allows (see registry.listing)."""
         if self._registry is not None:

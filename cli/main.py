@@ -35,6 +35,8 @@ class _ErrorHandlingGroup(TyperGroup):
             kind = "error" if isinstance(exc, BadInputError) else "failed"
             err_console.print(f"[red]{kind}:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2 if isinstance(exc, BadInputError) else 1) from None
+        finally:
+            state(ctx).close()  # a server database's connections go back now, not when the process ends
 
 
 app = typer.Typer(

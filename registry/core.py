@@ -168,13 +168,17 @@ class Registry(Finder):
         ``migrate-artifacts`` cannot switch it under an add in flight.
         """
         query = select(InfoRow.value).where(InfoRow.key == ARTIFACT_URL_KEY)
-        recorded = session.scalar(query.with_for_update(read=True) if lock else query)
-        if recorded is None:
-            if self._requested and self._requested != self._local_store and session.scalar(select(SFTRow.id).limit(1)):
+        query = query.with_for_update(read=True) if lock else query
+        recorded = session.scalar(query)
+        if recorded is None and self._requested and self._requested != self._local_store:
+            rows = session.scalar(select(SFTRow.id).limit(1)) is not None
+            recorded = session.scalar(query)  # read again: a first add may have committed between the two reads
+            if rows and recorded is None:
                 raise BadInputError(
                     f"this registry keeps its SFTs in the local store {self._local_store}, not {self._requested}: "
                     f"move them there first (`sftkit db migrate-artifacts --to {self._requested}`)"
                 )
+        if recorded is None:
             return self._requested or self._local_store
         if self._requested and self._requested != recorded:
             raise BadInputError(
