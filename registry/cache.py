@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftkit.errors import SftkitError
+from sftkit.errors import NotFoundError, SftkitError
 from sftkit.registry.artifacts import SHA256_PATTERN, hash_artifact
 from sftkit.registry.objects import ArtifactStore, remove_tree
 
@@ -51,7 +51,7 @@ class ArtifactCache:
         with self._partial(f"caching {reference}") as partial:
             store.download(sha256, partial)
             if not any(partial.iterdir()):
-                raise SftkitError(
+                raise NotFoundError(
                     f"the artifact of {reference} is missing at {store.address(sha256)} (`sftkit verify` lists "
                     "every damaged SFT)"
                 )

@@ -477,7 +477,7 @@ class Registry(Finder):
         store = self.store
         if store.remote:
             return self.cache.fill(store, record.sha256, record.reference)
-        if not record.path.is_dir():
+        if not (record.path / CONFIG_NAME).is_file():
             if store.local_root is not None and not store.local_root.is_dir():
                 raise NotFoundError(
                     f"this registry keeps its artifacts in {store.url}, which this machine cannot see: mount it "
@@ -602,6 +602,7 @@ class Registry(Finder):
             removed = self._record(row)
             session.delete(row)
         self._collect(store, removed.sha256, written_before=None)
+        self.cache.evict(removed.sha256)  # a remote artifact's copy on this machine
         return removed
 
     def _collect(self, store: ArtifactStore, sha256: str, written_before: float | None) -> bool:

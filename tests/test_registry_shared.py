@@ -127,7 +127,7 @@ def test_an_sft_imported_on_a_is_listed_shown_composed_exported_and_verified_on_
     s3fs.S3FileSystem(skip_instance_cache=True).rm(f"{s3_bucket}/{PREFIX}", recursive=True)
     b("compose", "--task", "sa", "--lang", "ban", "-o", tmp_path / "again", "--force")  # from B's cache alone
     assert b.json("cache", "--prune", "--max-size", "0")["entries"] == 0
-    assert "artifact of task:sa@1 is missing at s3://" in b.error("show", "task:sa", code=1)
+    assert "artifact of task:sa@1 is missing at s3://" in b.error("show", "task:sa", code=2)
 
 
 def fork_server():
