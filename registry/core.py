@@ -117,7 +117,8 @@ class Registry(Finder):
         home_dir = home_directory(home)
         url = registry_url(url)
         store_dir = store_directory(home_dir, store)
-        readonly, home_database = False, url is None
+        readonly = False
+        home_database = url is None or url == sqlite_url(home_dir / DB_NAME)
         if url is None:
             db_path = home_dir / DB_NAME
             if not writable_directory(home_dir):
