@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from sftkit.errors import NotFoundError, SftkitError
 from sftkit.registry.artifacts import SHA256_PATTERN, hash_artifact
-from sftkit.registry.objects import ArtifactStore, remove_tree
+from sftkit.registry.objects import ArtifactStore
 
 _PARTIAL = ".partial"
 
@@ -67,11 +68,9 @@ class ArtifactCache:
         """Keep a verified local copy (the one just uploaded by ``add``), so this machine never downloads it."""
         if self.path_for(sha256).is_dir():
             return
-        from shutil import copyfile
-
         with contextlib.suppress(SftkitError), self._partial("keeping a cached copy") as partial:
             for source in directory.iterdir():
-                copyfile(source, partial / source.name)
+                shutil.copyfile(source, partial / source.name)
             self._place(partial, self.path_for(sha256))
 
     def evict(self, sha256: str) -> None:
@@ -142,3 +141,11 @@ class ArtifactCache:
             total -= entry.size_bytes
             evicted.append(entry)
         return evicted
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory or file, whatever is left of it."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -427,11 +426,3 @@ def _named(exc: BaseException, names: set[str]) -> bool:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a local directory or file, whatever is left of it."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

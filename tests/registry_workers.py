@@ -37,20 +37,32 @@ def _sftkit():
     return get_command(app)
 
 
-def cli_import(environment: dict[str, str], directory: Path) -> str:
-    """``sftkit import DIR --json`` in this process, as a user on the machine ``environment`` describes."""
+def run_cli(environment: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """``sftkit ARGS…`` in this process, as a user on the machine ``environment`` describes: exit code, out, err."""
     from typer.testing import CliRunner
 
     code = 0
     with CliRunner().isolation(env=environment) as (stdout, stderr, _):
         try:
-            _sftkit().main(args=["import", str(directory), "--json"], prog_name="sftkit")
+            _sftkit().main(args=list(args), prog_name="sftkit")
         except SystemExit as exc:
             code = exc.code or 0
-        output, errors = stdout.getvalue().decode(), stderr.getvalue().decode()
+        return code, stdout.getvalue().decode(), stderr.getvalue().decode()
+
+
+def cli_import(environment: dict[str, str], directory: Path) -> str:
+    """``sftkit import DIR --json``; its sha256."""
+    code, output, errors = run_cli(environment, "import", str(directory), "--json")
     if code != 0:
         raise RuntimeError(f"sftkit import {directory} failed ({code}): {errors}")
     return json.loads(output)["sha256"]
+
+
+def cli_repeat(environment: dict[str, str], args: list[str], times: int, codes: str) -> None:
+    """Run one command ``times`` times, whatever each one's outcome; append the exit codes to ``codes``."""
+    with open(codes, "a") as log:
+        for _ in range(times):
+            log.write(f"{run_cli(environment, *args)[0]}\n")
 
 
 def cli_import_all(environment: dict[str, str], directories: list[Path]) -> None:

@@ -7,11 +7,13 @@ None of them imports torch: densities come from the safetensors header (``sftkit
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sftkit.cli.context import console, err_console, print_json, progress, resolve, state
+from sftkit.errors import BadInputError
 from sftkit.registry.query import SORT_KEYS
 
 if TYPE_CHECKING:
@@ -102,13 +104,9 @@ def _bytes(size: int) -> str:
 
 def _quantity(text: str, units: dict[str, int], what: str, example: str) -> float:
     """``90`` / ``30m`` / ``24h`` (durations) or ``500M`` / ``10G`` (sizes) as a number of base units."""
-    import re
-
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]?)[bB]?\s*", text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in units:
-        from sftkit.errors import BadInputError
-
         raise BadInputError(f"{text!r} is not a {what} (e.g. {example})")
     return float(match.group(1)) * units[unit]
 
