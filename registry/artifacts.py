@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sftkit.artifact import ARTIFACT_FILES, CONFIG_NAME, KINDS, WEIGHTS_NAME, WeightsSummary, read_weights_summary
-from sftkit.errors import BadInputError, NotFoundError
+from sftkit.errors import BadInputError, NotFoundError, SftkitError
 from sftkit.safetensors_header import read_raw_header
 
 REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME)
@@ -37,6 +37,13 @@ class ArtifactInfo:
     weights: WeightsSummary
     sha256: str
     size_bytes: int
+
+
+def checked_sha256(sha256: str) -> str:
+    """A sha256 that is safe to build a path or key from (rows of a shared database are not trusted blindly)."""
+    if not SHA256_PATTERN.fullmatch(sha256):
+        raise SftkitError(f"{sha256!r} is not a sha256: the registry database holds a damaged row")
+    return sha256
 
 
 def hash_artifact(directory: Path) -> tuple[str, int]:

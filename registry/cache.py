@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftkit.errors import NotFoundError, SftkitError
-from sftkit.registry.artifacts import SHA256_PATTERN, hash_artifact
+from sftkit.registry.artifacts import SHA256_PATTERN, checked_sha256, hash_artifact
 from sftkit.registry.objects import ArtifactStore
 
 _PARTIAL = ".partial"
@@ -41,7 +41,7 @@ class ArtifactCache:
         self.root = root
 
     def path_for(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / sha256
+        return self.root / sha256[:2] / checked_sha256(sha256)
 
     def fill(self, store: ArtifactStore, sha256: str, reference: str) -> Path:
         """The cached copy of ``sha256``, downloaded from ``store`` first if needed (and verified)."""

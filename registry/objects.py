@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sftkit.artifact import ARTIFACT_FILES
 from sftkit.errors import BadInputError, SftkitError
-from sftkit.registry.artifacts import CHUNK, SHA256_PATTERN, hash_files
+from sftkit.registry.artifacts import CHUNK, SHA256_PATTERN, checked_sha256, hash_files
 from sftkit.registry.location import artifact_address, local_artifact_root, normalized_artifact_url
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class ArtifactStore:
         """The artifact's directory, for a location on this machine's file system."""
         if self.local_root is None:
             raise ValueError(f"{self.url} is not a local directory")
-        return self.local_root / sha256[:2] / sha256
+        return self.local_root / sha256[:2] / checked_sha256(sha256)
 
     # ------------------------------------------------------------------ access
     def _filesystem(self) -> tuple[AbstractFileSystem, str]:
@@ -113,7 +113,7 @@ class ArtifactStore:
         return self._fs, self._root
 
     def _key(self, sha256: str, name: str | None = None) -> str:
-        key = f"{self._filesystem()[1]}/{sha256[:2]}/{sha256}"
+        key = f"{self._filesystem()[1]}/{sha256[:2]}/{checked_sha256(sha256)}"
         return f"{key}/{name}" if name else key
 
     @contextlib.contextmanager
