@@ -63,7 +63,7 @@ def _global(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter.")] = False,
     home: Annotated[
         Path | None,
-        typer.Option(envvar="SFTKIT_HOME", help="Registry home (registry.db + store/). Default ~/.sftkit."),
+        typer.Option(envvar="SFTKIT_HOME", help="Registry home (registry.db, store/, cache/). Default ~/.sftkit."),
     ] = None,
     registry_url: Annotated[
         str | None,
@@ -73,7 +73,7 @@ def _global(
         str | None,
         typer.Option(
             envvar="SFTKIT_ARTIFACT_URL",
-            help="Where artifacts live: s3://bucket/prefix, a shared path, any fsspec URL. Default: the home's store.",
+            help="Where artifacts live: s3://bucket/prefix, a path, an fsspec URL (default: the home's store/).",
         ),
     ] = None,
     version: Annotated[

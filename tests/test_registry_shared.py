@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import registry_workers
 import torch
-from registry_helpers import backend_url, base_sft, sft_dirs
+from registry_helpers import backend_url, base_sft, sft_dirs, write_stored
 from typer.testing import CliRunner
 
 from sftkit.cli.main import app
@@ -324,6 +324,8 @@ def test_migrate_artifacts_moves_a_laptop_registry_to_s3_resumably(composable, s
     from sftkit.registry.objects import ArtifactStore
 
     ArtifactStore(target).upload(composable["ban"], hash_artifact(composable["ban"])[0])  # a run cut short
+    sa = hash_artifact(composable["sa"])[0]
+    write_stored(f"{target}/{sa[:2]}/{sa}", "sft_model.safetensors", b"not the weights")  # and a bad copy
     out = laptop("db", "migrate-artifacts", "--to", target).stdout
     assert "1 copied, 1 already there" in out
     after = laptop.json("list")
@@ -424,3 +426,31 @@ def test_a_full_disk_during_a_cache_fill_keeps_nothing(machines, composable, tmp
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "no space left in the artifact cache" in lines[0]
     assert result.stdout.strip() == ""  # no file left in the cache, complete or partial (find prints none)
+
+
+def test_cache_prune_evicts_the_least_recently_used_and_dead_fills(sftkit_home, cli):
+    """Four cached artifacts of 1 KiB used at different times, one fill still running, one abandoned."""
+    import fcntl
+
+    cache = sftkit_home / "cache"
+    used = {}
+    for age, digit in enumerate("1234"):
+        entry = cache / (digit * 2) / (digit * 64)
+        entry.mkdir(parents=True)
+        (entry / "sft_model.safetensors").write_bytes(b"x" * 1024)
+        used[digit * 64] = 1_000_000 - age * 1000  # "1…" most recently used
+        os.utime(entry, (used[digit * 64], used[digit * 64]))
+    live, dead = cache / ".partial" / "live", cache / ".partial" / "dead"
+    live.mkdir(parents=True)
+    dead.mkdir()
+    holder = os.open(live, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # as a fill in progress holds it
+    try:
+        result = cli("cache", "--prune", "--max-size", "2K", "--json")
+    finally:
+        os.close(holder)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["evicted"] == ["4" * 64, "3" * 64] and report["entries"] == 2 and report["size_bytes"] == 2048
+    assert live.is_dir() and not dead.exists()
+    assert "'lots' is not a size" in cli("cache", "--prune", "--max-size", "lots").stderr

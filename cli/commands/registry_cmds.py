@@ -315,9 +315,11 @@ def show_command(
         ("sha256", record.sha256),
         ("created", f"{record.created:%Y-%m-%d %H:%M:%S %Z}" if record.created else None),
         ("sftkit version", config.get("sftkit_version")),
-        ("bytes at", record.location or "– (not registered)"),
-        ("local copy" if record.location != str(record.path) else "path", str(record.path)),
     ]
+    if record.location is not None and record.location != str(record.path):  # a remote artifact
+        rows += [("bytes at", record.location), ("local copy", str(record.path))]
+    else:
+        rows.append(("path", str(record.path)))
     for key, value in rows:
         about.add_row(f"[bold]{key}[/bold]", _value(value))
     console.print(about)
