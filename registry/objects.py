@@ -40,6 +40,7 @@ TransferProgress = Callable[[str, int], AbstractContextManager[Callable[[int], N
 TEMPORARY_MARK = ".partial-"  # a file system upload in flight: <name>.partial-<uuid>, renamed when complete
 MARKER_NAME = ".registry-id"
 PROGRESS_MIN_BYTES = 8 << 20  # smaller transfers end before a bar would be read
+_UPLOAD_ATTEMPTS = 3
 # Bounded retries: an unreachable endpoint is one clear error within seconds, not minutes of backoff
 # (botocore retries; s3fs's own retry loop around it is cut to one pass). AWS_MAX_ATTEMPTS still rules.
 _S3_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 60}
@@ -223,10 +224,13 @@ class ArtifactStore:
         self.ensure_reachable(write=True)
         files = [(name, directory / name) for name in ARTIFACT_FILES if (directory / name).is_file()]
         total = sum(path.stat().st_size for _, path in files)
-        with self.errors("uploading an artifact"), self._transfer(f"uploading {sha256[:12]}", total) as advance:
-            for name, path in files:
-                self._publish(path, self._key(sha256, name), advance)
-        landed = self.hash(sha256, present={name: path.stat().st_size for name, path in files})
+        for _ in range(_UPLOAD_ATTEMPTS):
+            with self.errors("uploading an artifact"), self._transfer(f"uploading {sha256[:12]}", total) as advance:
+                for name, path in files:
+                    self._publish(path, self._key(sha256, name), advance)
+            landed = self.hash(sha256, present={name: path.stat().st_size for name, path in files})
+            if landed is not None:
+                break  # else an rm or gc of the same content on another host deleted it meanwhile: again
         if landed != sha256:
             raise SftkitError(
                 f"the copy uploaded to {self.address(sha256)} hashes to {str(landed)[:12]}, not {sha256[:12]} "
@@ -315,7 +319,10 @@ class ArtifactStore:
                 return None
 
         with self.errors("reading an artifact"):
-            return hash_files(open_file, on_bytes)[0]
+            try:
+                return hash_files(open_file, on_bytes)[0]
+            except FileNotFoundError:
+                return None  # deleted while being read
 
     def open_file(self, sha256: str, name: str) -> BinaryIO:
         fs, _ = self._filesystem()

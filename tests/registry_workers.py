@@ -58,11 +58,18 @@ def cli_import(environment: dict[str, str], directory: Path) -> str:
     return json.loads(output)["sha256"]
 
 
-def cli_repeat(environment: dict[str, str], args: list[str], times: int, codes: str) -> None:
-    """Run one command ``times`` times, whatever each one's outcome; append the exit codes to ``codes``."""
+def cli_repeat(environment: dict[str, str], args: list[str], codes: str, times: int | None = None, stop=None) -> None:
+    """Run one command ``times`` times, or until ``stop`` is set, whatever each one's outcome, appending each
+    exit code and error line to ``codes``. With ``times``, ``stop`` is set at the end: the other's signal."""
     with open(codes, "a") as log:
-        for _ in range(times):
-            log.write(f"{run_cli(environment, *args)[0]}\n")
+        count = 0
+        while (times is None and not stop.is_set()) or (times is not None and count < times):
+            code, _, errors = run_cli(environment, *args)
+            log.write(f"{code}\t{errors.strip()}\n")
+            log.flush()
+            count += 1
+    if times is not None and stop is not None:
+        stop.set()
 
 
 def cli_import_all(environment: dict[str, str], directories: list[Path]) -> None:

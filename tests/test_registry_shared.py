@@ -248,18 +248,23 @@ def test_rm_on_one_machine_racing_imports_of_the_same_sft_on_another(server_data
     sha = b.json("import", directory)["sha256"]
     context = fork_server()
     codes = {m: tmp_path / f"codes-{m}" for m in "ab"}
-    commands = {"a": (a.env, ["rm", f"sha256:{sha}"]), "b": (b.env, ["import", str(directory)])}
+    imported = context.Event()  # B imports 30 times; A removes for as long as B is importing
     workers = [
-        context.Process(target=registry_workers.cli_repeat, args=(env, args, 30, str(codes[m])))
-        for m, (env, args) in commands.items()
+        context.Process(
+            target=registry_workers.cli_repeat, args=(a.env, ["rm", f"sha256:{sha}"], str(codes["a"]), None, imported)
+        ),
+        context.Process(
+            target=registry_workers.cli_repeat, args=(b.env, ["import", str(directory)], str(codes["b"]), 30, imported)
+        ),
     ]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(timeout=300)
-    removals, imports = ([int(c) for c in codes[m].read_text().split()] for m in "ab")
-    assert set(imports) == {0} and removals.count(0) >= 2, (removals, imports)  # both sides really raced
-    assert set(removals) <= {0, 2}  # 2: nothing left to remove at that moment
+    removals, imports = ([int(line.split("\t")[0]) for line in codes[m].read_text().splitlines()] for m in "ab")
+    outcomes = codes["a"].read_text() + codes["b"].read_text()
+    assert set(imports) == {0} and removals.count(0) >= 2, outcomes  # both sides really raced
+    assert set(removals) <= {0, 2}, outcomes  # 2: nothing left to remove at that moment
     listed = a.json("list")
     assert "all artifacts verified" in b("verify").stdout
     if listed:  # the last word was an import: its bytes are there
