@@ -677,7 +677,7 @@ class Registry(Finder):
             if sha256 in referenced and modified <= cutoff:  # an unreferenced one went with its artifact
                 store.delete_file(key)
                 removed.append(key)
-        return removed
+        return removed + store.remove_legacy()
 
     def upgrade(self) -> tuple[str | None, str | None]:
         """Migrate the database schema to what this sftkit needs; returns (before, after) revisions."""

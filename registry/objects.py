@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 TransferProgress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
 TEMPORARY_MARK = ".partial-"  # a file system upload in flight: <name>.partial-<uuid>, renamed when complete
 MARKER_NAME = ".registry-id"
+# What the flock-based local store of schema ≤ 0003 kept beside the artifacts; no sftkit uses it any more.
+_LEGACY_ENTRIES = (".staging", ".trash", ".lock")
 PROGRESS_MIN_BYTES = 8 << 20  # smaller transfers end before a bar would be read
 _UPLOAD_ATTEMPTS = 3
 # Bounded retries: an unreachable endpoint is one clear error within seconds, not minutes of backoff
@@ -340,6 +342,17 @@ class ArtifactStore:
         fs, _ = self._filesystem()
         with self.errors("deleting a leftover"), contextlib.suppress(FileNotFoundError):
             fs.rm_file(key)
+
+    def remove_legacy(self) -> list[str]:
+        """Delete what an older sftkit's local store kept beside the artifacts (its staging, trash, lock file)."""
+        if self.local_root is None:
+            return []
+        fs, _ = self._filesystem()
+        found = [self.local_root / name for name in _LEGACY_ENTRIES if (self.local_root / name).exists()]
+        with self.errors("deleting a leftover"):
+            for path in found:
+                fs.rm(str(path), recursive=path.is_dir())
+        return [str(path) for path in found]
 
     def inventory(self) -> tuple[dict[str, float], list[tuple[str, float]]]:
         """What the location holds: newest modification time per artifact (temporary files included),
