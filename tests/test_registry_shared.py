@@ -198,15 +198,17 @@ def test_killed_imports_leave_a_consistent_registry_and_gc_removes_exactly_the_o
     """20 imports killed with SIGKILL at random moments: 5 rounds of 4 importers, two on each machine."""
     bucket = f"s3://{s3_bucket}/{PREFIX}"
     a, b = (Machine(tmp_path / f"home-{m}", server_database, bucket, aws_env) for m in "ab")
-    pool = [d for lang in ("ace", "ban") for d in sft_dirs(tmp_path / "sfts", 30, name=lang)]
+    # Each importer gets SFTs of its own: a later importer never adopts what a killed one left behind.
+    pool = [d for lang in ("ace", "ban") for d in sft_dirs(tmp_path / "sfts", 60, name=lang)]
     context = fork_server()
     rng = random.Random(4321)
     log = tmp_path / "completed"
-    for _ in range(5):
+    for round_number in range(5):
         round_ = []
-        for machine in (a, b, a, b):
+        for position, machine in enumerate((a, b, a, b)):
             ready = context.Event()
-            args = (machine.env, rng.sample(pool, len(pool)), ready, str(log))
+            own = pool[round_number * 4 + position :: 20]
+            args = (machine.env, rng.sample(own, len(own)), ready, str(log))
             round_.append((context.Process(target=registry_workers.cli_import_until_killed, args=args), ready))
         for worker, _ in round_:
             worker.start()
