@@ -275,6 +275,29 @@ def test_rm_on_one_machine_racing_imports_of_the_same_sft_on_another(server_data
     assert bucket_artifacts(s3_bucket) == ({sha} if listed else set())
 
 
+@pytest.mark.postgres
+def test_a_laptop_registry_becomes_a_team_registry_on_postgresql_and_s3(composable, s3_bucket, aws_env, tmp_path):
+    """migrate-artifacts, then migrate-rows: the team sees the same SFTs, versions, tags and lineage."""
+    laptop = Machine(tmp_path / "laptop", None, None, aws_env)
+    laptop("import", composable["ban"], "--tag", "paper")
+    laptop("import", composable["ban"] / ".." / "sa")
+    with backend_url("postgresql") as team_database:
+        laptop("db", "migrate-artifacts", "--to", f"s3://{s3_bucket}/{PREFIX}")
+        before = laptop.json("list")
+        assert "copied 2 SFT(s)" in laptop("db", "migrate-rows", "--to", team_database).stdout
+        colleague = Machine(tmp_path / "colleague", team_database, None, aws_env)
+        after = colleague.json("list")
+        fields = ("id", "reference", "sha256", "tags", "source_reference", "location", "created")
+        assert [{f: r[f] for f in fields} for r in after] == [{f: r[f] for f in fields} for r in before]
+        colleague("compose", "--task", "sa", "--lang", "ban@paper", "-o", tmp_path / "model")
+        retrained = SparseFineTuning.load(composable["ban"])
+        for delta in retrained.diffs.values():
+            delta.values.mul_(2)
+        imported = colleague.json("import", retrained.save(tmp_path / "ban-2"))
+        assert (imported["reference"], imported["id"]) == ("lang:ban@2", 3)  # versions and ids go on
+        assert "already holds a registry" in laptop.error("db", "migrate-rows", "--to", team_database, code=2)
+
+
 def test_large_transfers_report_their_progress(composable, s3_bucket, aws_env, tmp_path):
     """The hook behind the CLI's byte bars hears every uploaded and downloaded byte of a large artifact."""
     from sftkit.registry import Registry

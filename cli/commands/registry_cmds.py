@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sftkit.cli.context import console, err_console, print_json, progress, resolve, state
+from sftkit.cli.context import activity, console, err_console, print_json, progress, resolve, state
 from sftkit.errors import BadInputError
 from sftkit.registry.query import SORT_KEYS
 
@@ -72,11 +72,13 @@ by their sha256, then reused. [b]--prune[/b] evicts the least recently used ones
 """
 
 MIGRATE_HELP = """
-Copies every artifact to the new location, verifying each copy by its sha256, then records the new location
-in the registry: every machine that opens it uses it from then on. Interrupted, it resumes where it stopped
-(copies already there and intact are kept). The old copies stay where they were.
+[b]migrate-artifacts[/b] copies every artifact to the new location, verifying each copy by its sha256, then
+records the new location in the registry: every machine that opens it uses it from then on. Interrupted, it
+resumes where it stopped (copies already there and intact are kept). The old copies stay where they were.
+[b]migrate-rows[/b] copies the rows into an empty database. A laptop's registry becomes a team's:
 
   sftkit db migrate-artifacts --to s3://team-bucket/sftkit
+  sftkit db migrate-rows --to postgresql://sftkit@db.example.org/sftkit
 """
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -457,6 +459,23 @@ def cache_command(
     console.print(f"{cache.root}: {len(entries)} artifact(s), {_bytes(total)}", highlight=False, soft_wrap=True)
 
 
+def db_migrate_rows_command(
+    ctx: typer.Context,
+    to: Annotated[str, typer.Option("--to", help="SQLAlchemy URL of an empty database, e.g. postgresql://…")],
+) -> None:
+    """Copy every row into an empty database (versions, tags, lineage kept); the artifacts stay where they are."""
+    from sftkit.registry.relocation import migrate_rows
+
+    registry = state(ctx).registry()
+    with activity(ctx, "copying the registry's rows"):
+        count = migrate_rows(registry, to)
+    console.print(
+        f"copied {count} SFT(s) to {_value(to)}; point SFTKIT_REGISTRY_URL at it (this database is left as it was)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def db_migrate_artifacts_command(
     ctx: typer.Context,
     to: Annotated[str, typer.Option("--to", help="The new location: s3://bucket/prefix, a path, an fsspec URL.")],
@@ -513,4 +532,5 @@ def register(app: typer.Typer) -> None:
     db.command("upgrade")(db_upgrade_command)
     db.command("status")(db_status_command)
     db.command("migrate-artifacts", epilog=MIGRATE_HELP)(db_migrate_artifacts_command)
+    db.command("migrate-rows", epilog=MIGRATE_HELP)(db_migrate_rows_command)
     app.add_typer(db, name="db", rich_help_panel=PANEL)
