@@ -14,6 +14,12 @@ Also measured: fresh ``sftkit --help``, ``list --lang …``, ``show`` and ``tag`
 10 000-row registry (baseline: a bare ``python -c pass``), and one real ``add`` of a tiny SFT directory
 (baseline: copying the directory without hashing, fsync or database).
 
+Shared registry (issue 21): ``add`` of a 14.2 M-entry SFT directory (≈ 114 MB; 1.42 M with ``--quick``)
+into S3 — moto's S3 server on 127.0.0.1, in this process — and resolving and reading it (``Registry.load``)
+on a second home with an empty cache (download, verify, load), then again from that home's cache; the
+baseline is the same add and load on the local store, in the same run. An S3 add uploads, then reads the
+whole artifact back to check its sha256 where it landed (the local store re-hashes its copy likewise).
+
     python benchmarks/registry.py            # full run, ~1 min
     python benchmarks/registry.py --quick    # fewer repetitions (CI), same 10 000 rows; --json for machines
 """
@@ -119,7 +125,7 @@ def process_seconds(args: list[str], repeats: int) -> float:
 
 def query_rows(registry: Registry, repeats: int, baseline_repeats: int) -> list[Row]:
     everything = lambda: registry.find()  # noqa: E731 - the baseline's one query
-    listing = SQLiteListing.open(registry.home, registry.store.root)  # what `sftkit list` uses
+    listing = SQLiteListing.open(registry.home, registry.store.local_root)  # what `sftkit list` uses
     assert listing is not None
     finders = (("", registry.find), ("sqlite3 listing: ", listing.find))
     cases = [
@@ -199,6 +205,65 @@ def add_row(root: Path, repeats: int) -> Row:
     return Row("add a tiny SFT directory (ms)", ours, base, "copytree", ours / base, "— (info)", None)
 
 
+def s3_rows(root: Path, entries: int) -> list[Row]:
+    """Add, then resolve-and-read, one large SFT through S3 (moto on 127.0.0.1) against the local store."""
+    import logging
+    import os
+    import socket
+
+    import torch
+    from moto.server import ThreadedMotoServer
+
+    from sftkit.sft import SFTMetadata, SparseFineTuning
+
+    columns = 3840
+    dense = torch.randn(-(-entries // columns), columns, generator=torch.Generator().manual_seed(0))
+    dense.view(-1)[entries:] = 0  # exactly ``entries`` non-zero deltas
+    metadata = SFTMetadata(language="xx", base_model="b")
+    sft = SparseFineTuning.from_dense_deltas({"encoder.layer.0.output.dense.weight": dense}, metadata=metadata)
+    directory = sft.save(root / "large")
+    del dense, sft
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench"}
+    os.environ.update(aws | {"AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+        times: dict[str, dict[str, float]] = {}
+        for where, database, artifacts in (
+            ("local", None, None),
+            ("s3", f"sqlite:///{root / 'shared.db'}", "s3://bench/sftkit"),
+        ):
+            with Registry.open(home=root / f"{where}-a", url=database, artifacts=artifacts) as registry:
+                started = time.perf_counter()
+                reference = registry.add(directory).reference
+                added = time.perf_counter() - started
+            reader_home = root / f"{where}-b" if database else root / f"{where}-a"
+            reads = []
+            for _ in range(2):  # the second read of a remote artifact comes from the cache
+                with Registry.open(home=reader_home, url=database) as registry:
+                    started = time.perf_counter()
+                    assert registry.load(reference).num_entries == entries
+                    reads.append(time.perf_counter() - started)
+            times[where] = {"add": added, "cold": reads[0], "warm": reads[1]}
+    finally:
+        server.stop()
+    metrics = {
+        "add": f"add a {entries / 1e6:.3g}M-entry SFT to S3 (s)",
+        "cold": "resolve + read it on another home, empty cache (s)",
+        "warm": "… read it again there, from its cache (s)",
+    }
+    local, s3 = times["local"], times["s3"]
+    return [Row(m, s3[k], local[k], "local store", s3[k] / local[k], "— (info)") for k, m in metrics.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (CI)")
@@ -216,6 +281,7 @@ def main() -> None:
             rows = query_rows(registry, repeats, baseline_repeats)
         rows += startup_rows(root / "big", process_repeats)
         rows.append(add_row(root / "add", 5 if args.quick else 20))
+        rows += s3_rows(root / "s3", 1_420_000 if args.quick else 14_200_000)
     failed = [row.metric for row in rows if row.passed is False]
     title = f"registry: {total} rows on SQLite (inserted in {setup:.1f} s); times in ms unless noted"
     print_rows(rows, as_json=args.json, title=title)

@@ -23,6 +23,7 @@ from sftkit.cli.progress_lines import STAGE_DELAY, LineLog, clock, log_interval
 
 if TYPE_CHECKING:
     from sftkit.registry import Registry, SFTRecord
+    from sftkit.registry.objects import TransferProgress
     from sftkit.registry.query import Finder
     from sftkit.sft import SparseFineTuning
 
@@ -38,14 +39,22 @@ class State:
     quiet: bool = False
     home: Path | None = None
     registry_url: str | None = None
+    artifact_url: str | None = None
+    transfer_bars: TransferProgress | None = None
     _registry: Registry | None = None
 
     def registry(self) -> Registry:
         if self._registry is None:
             from sftkit.registry import Registry
 
-            self._registry = Registry.open(home=self.home, url=self.registry_url)
+            self._registry = Registry.open(home=self.home, url=self.registry_url, artifacts=self.artifact_url)
+            self._registry.progress = self.transfer_bars
         return self._registry
+
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
 
     def listing(self) -> Finder:
         """For read-only ``find``: skips SQLAlchemy's import when the registry allows (see registry.listing)."""
@@ -53,7 +62,7 @@ class State:
             return self._registry
         from sftkit.registry.listing import open_listing
 
-        return open_listing(home=self.home, url=self.registry_url)
+        return open_listing(home=self.home, url=self.registry_url, artifacts=self.artifact_url)
 
 
 def state(ctx: typer.Context) -> State:
@@ -83,6 +92,36 @@ def resolve(ctx: typer.Context, reference: str) -> SFTRecord:
 def load_sft(ctx: typer.Context, reference: str) -> tuple[SFTRecord, SparseFineTuning]:
     record = resolve(ctx, reference)
     return record, state(ctx).registry().load(record)
+
+
+def transfer_bars(ctx: typer.Context) -> TransferProgress | None:
+    """Byte progress bars for the registry's large uploads and downloads, on a terminal only.
+
+    Inside another live display (an ``activity`` spinner) rich cannot draw a second one: that transfer
+    then runs under the spinner.
+    """
+    if not live_display(ctx):
+        return None
+
+    @contextmanager
+    def bar(label: str, total: int) -> Iterator[Any]:
+        from rich.errors import LiveError
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        bars = Progress(*columns, console=err_console, transient=True)
+        try:
+            bars.start()
+        except LiveError:
+            yield lambda _count: None
+            return
+        task = bars.add_task(label, total=total)
+        try:
+            yield lambda count: bars.advance(task, count)
+        finally:
+            bars.stop()
+
+    return bar
 
 
 def live_display(ctx: typer.Context) -> bool:

@@ -16,7 +16,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from sftkit import __version__
-from sftkit.cli.context import err_console, state
+from sftkit.cli.context import err_console, state, transfer_bars
 from sftkit.errors import BadInputError, SftkitError
 
 
@@ -35,6 +35,8 @@ class _ErrorHandlingGroup(TyperGroup):
             kind = "error" if isinstance(exc, BadInputError) else "failed"
             err_console.print(f"[red]{kind}:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2 if isinstance(exc, BadInputError) else 1) from None
+        finally:
+            state(ctx).close()  # a server database's connections go back now, not when the process ends
 
 
 app = typer.Typer(
@@ -61,11 +63,18 @@ def _global(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter.")] = False,
     home: Annotated[
         Path | None,
-        typer.Option(envvar="SFTKIT_HOME", help="Registry home (registry.db + store/). Default ~/.sftkit."),
+        typer.Option(envvar="SFTKIT_HOME", help="Registry home (registry.db, store/, cache/). Default ~/.sftkit."),
     ] = None,
     registry_url: Annotated[
         str | None,
         typer.Option(envvar="SFTKIT_REGISTRY_URL", help="SQLAlchemy URL of a shared registry database."),
+    ] = None,
+    artifact_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SFTKIT_ARTIFACT_URL",
+            help="Where artifacts live: s3://bucket/prefix, a path, an fsspec URL (default: the home's store/).",
+        ),
     ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
@@ -73,6 +82,7 @@ def _global(
 ) -> None:
     st = state(ctx)
     st.verbose, st.quiet, st.home, st.registry_url = verbose, quiet, home, registry_url
+    st.artifact_url, st.transfer_bars = artifact_url, transfer_bars(ctx)
     if not verbose:
         # Our own rich progress bars and one-line errors replace the libraries' tqdm bars and load reports.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,43 +1,31 @@
-"""The content-addressed artifact store: SFT directories under ``<store>/<sha[:2]>/<sha256>/``.
+"""What an artifact is and how it is hashed; where artifacts are kept is ``sftkit.registry.objects``.
 
 An artifact is the SFT directory's files ``sft_config.json``, ``sft_model.safetensors`` and (if
 present) ``README.md``; its sha256 covers each file's name and bytes in that order (the
-safetensors header in canonical JSON), so identical SFTs are stored once.
-
-Writers build and fsync a complete copy in a private, flock-ed directory under ``.staging/`` (in
-parallel), then rename it into place; removal renames into ``.trash/`` before deleting. Whatever
-a killed process leaves behind is only ever in ``.staging/``, ``.trash/`` or an unreferenced hash
-directory, which ``gc`` removes. An exclusive ``flock`` on ``.lock`` serialises placing, removing
-and collecting (with the database transaction that goes with each), so ``gc`` never races an add
-and a removal never deletes a directory that an add is reusing.
+safetensors header in canonical JSON), so identical SFTs are stored once, wherever they are kept:
+the same hash is computed over a local directory and over the objects of a remote location.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
-import shutil
-import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from sftkit.artifact import ARTIFACT_FILES, CONFIG_NAME, KINDS, WEIGHTS_NAME, WeightsSummary, read_weights_summary
 from sftkit.errors import BadInputError, NotFoundError, SftkitError
 from sftkit.safetensors_header import read_raw_header
 
-if TYPE_CHECKING:
-    from sftkit.sft import SparseFineTuning
-
 REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME)
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_CHUNK = 1 << 20
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+CHUNK = 1 << 20
+# Opens one artifact file for reading, or returns None when the artifact has no such file.
+FileOpener = Callable[[str], "BinaryIO | None"]
 
 
 @dataclass(frozen=True)
@@ -51,20 +39,43 @@ class ArtifactInfo:
     size_bytes: int
 
 
+def checked_sha256(sha256: str) -> str:
+    """A sha256 that is safe to build a path or key from (rows of a shared database are not trusted blindly)."""
+    if not SHA256_PATTERN.fullmatch(sha256):
+        raise SftkitError(f"{sha256!r} is not a sha256: the registry database holds a damaged row")
+    return sha256
+
+
 def hash_artifact(directory: Path) -> tuple[str, int]:
     """Content hash and total size (bytes on disk) of the artifact files in ``directory``."""
+
+    def open_file(name: str) -> BinaryIO | None:
+        path = directory / name
+        return path.open("rb") if path.is_file() else None
+
+    return hash_files(open_file)
+
+
+def hash_files(open_file: FileOpener, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """Content hash and total size of the artifact files ``open_file`` hands out (local or remote alike).
+
+    ``on_bytes`` hears of every chunk read: a progress bar for remote objects.
+    """
     digest = hashlib.sha256()
     total = 0
     for name in ARTIFACT_FILES:
-        path = directory / name
-        if not path.is_file():
+        handle = open_file(name)
+        if handle is None:
             continue
-        total += path.stat().st_size
-        with path.open("rb") as handle:
+        with handle:
             head = _canonical_safetensors_header(handle) if name == WEIGHTS_NAME else b""
+            total += handle.tell()
             digest.update(f"{name}\0".encode() + head)
-            while chunk := handle.read(_CHUNK):
+            while chunk := handle.read(CHUNK):
+                total += len(chunk)
                 digest.update(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
     return digest.hexdigest(), total
 
 
@@ -110,193 +121,3 @@ def inspect_artifact(directory: str | os.PathLike[str]) -> ArtifactInfo:
     path, config, weights = check_sft_directory(directory)
     sha256, size = hash_artifact(path)
     return ArtifactInfo(path, config, weights, sha256, size)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class ArtifactStore:
-    """Artifact directories of one registry, addressed by sha256."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._staging = root / ".staging"
-        self._trash = root / ".trash"
-
-    def path_for(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / sha256
-
-    # ------------------------------------------------------------------ locking
-    def ensure_writable(self) -> None:
-        try:
-            for directory in (self.root, self._staging, self._trash):
-                directory.mkdir(parents=True, exist_ok=True)
-            probe = self._staging / f".probe-{uuid.uuid4().hex}"
-            probe.touch()
-            probe.unlink()
-        except OSError as exc:
-            raise BadInputError(
-                f"the artifact store {self.root} is not writable ({exc.strerror or exc}): "
-                "use a writable --home / SFTKIT_HOME (or SFTKIT_STORE)"
-            ) from exc
-
-    @contextlib.contextmanager
-    def lock(self, shared: bool = False) -> Iterator[None]:
-        """The store lock: exclusive to place, remove and collect; shared to start a staging area.
-
-        Released by the kernel if the process dies.
-        """
-        self.ensure_writable()
-        with (self.root / ".lock").open("a") as handle:
-            _flock_within(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, self.root / ".lock")
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def claim(self, registry_id: str) -> None:
-        """Bind the store to one registry database (call under ``lock``).
-
-        ``gc`` deletes what its database does not reference, so a store shared by two databases
-        would lose artifacts: refuse that instead.
-        """
-        marker = self.root / ".registry-id"
-        if not marker.is_file():
-            staged = self._trash / f"registry-id-{uuid.uuid4().hex}"
-            staged.write_text(registry_id + "\n")
-            os.rename(staged, marker)
-            return
-        owner = marker.read_text().strip()
-        if owner != registry_id:
-            raise BadInputError(
-                f"the artifact store {self.root} belongs to another registry database (id {owner}, this one is "
-                f"{registry_id}): give each registry database its own SFTKIT_HOME or SFTKIT_STORE"
-            )
-
-    # ------------------------------------------------------------------ writing
-    @contextlib.contextmanager
-    def staging(self) -> Iterator[Path]:
-        """A private directory to build an artifact in (no store lock needed while building).
-
-        Its ``flock`` marks it as in use: ``gc`` only collects staging areas whose owner has died.
-        Created under the shared store lock, so ``gc`` never sees one before it is locked.
-        """
-        workdir = self._staging / uuid.uuid4().hex
-        with self.lock(shared=True):
-            workdir.mkdir()
-            fd = os.open(workdir, os.O_RDONLY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield workdir / "sft"
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-            os.close(fd)
-
-    @staticmethod
-    def copy_into(source: Path, target: Path) -> None:
-        target.mkdir()
-        for name in ARTIFACT_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, target / name)
-
-    @staticmethod
-    def save_into(sft: SparseFineTuning, target: Path) -> None:
-        sft.save(target)
-
-    @staticmethod
-    def seal(staged: Path) -> None:
-        """Flush a staged artifact to disk, so that once renamed it survives a power cut too."""
-        for name in ARTIFACT_FILES:
-            if (staged / name).is_file():
-                _fsync(staged / name)
-        _fsync(staged)
-
-    def place(self, staged: Path, sha256: str) -> Path:
-        """Make the sealed ``staged`` directory the artifact ``sha256`` (call under ``lock``)."""
-        final = self.path_for(sha256)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            if final.is_dir() and hash_artifact(final)[0] == sha256:
-                return final  # a complete leftover of an earlier, interrupted add: identical bytes
-            self.discard(final)
-        os.rename(staged, final)
-        _fsync(final.parent)
-        return final
-
-    def discard(self, path: Path) -> None:
-        """Remove an artifact directory, first atomically out of sight (call under ``lock``)."""
-        if not path.exists():
-            return
-        doomed = self._trash / uuid.uuid4().hex
-        self._trash.mkdir(parents=True, exist_ok=True)
-        os.rename(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-
-    def collect(self, referenced: set[str]) -> list[Path]:
-        """Remove leftovers and artifact directories no row references (call under ``lock``)."""
-        removed = self._leftovers()
-        for entry in removed:
-            _remove(entry)
-        for prefix in self._prefix_dirs():
-            for entry in prefix.iterdir():
-                if _SHA256.fullmatch(entry.name) and entry.name not in referenced:
-                    self.discard(entry)
-                    removed.append(entry)
-            with contextlib.suppress(OSError):
-                prefix.rmdir()  # only succeeds when empty
-        return removed
-
-    def _leftovers(self) -> list[Path]:
-        """Trash, and staging areas whose owner is gone (their lock is free)."""
-        entries = list(self._trash.iterdir()) if self._trash.is_dir() else []
-        for entry in self._staging.iterdir() if self._staging.is_dir() else []:
-            if entry.is_dir() and not entry.is_symlink():
-                fd = os.open(entry, os.O_RDONLY)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a live add is building it
-                finally:
-                    os.close(fd)
-            entries.append(entry)
-        return entries
-
-    def _prefix_dirs(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return [p for p in self.root.iterdir() if p.is_dir() and re.fullmatch(r"[0-9a-f]{2}", p.name)]
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def _flock_within(handle: Any, operation: int, path: Path) -> None:
-    """``flock`` that gives up with a clear error after ``$SFTKIT_LOCK_TIMEOUT`` seconds (default 600).
-
-    Store operations hold the lock for milliseconds; waiting longer means another process is stuck
-    holding it, and a clear error beats a command that hangs forever.
-    """
-    deadline = time.monotonic() + float(os.environ.get("SFTKIT_LOCK_TIMEOUT", "600"))
-    delay = 0.005
-    while True:
-        try:
-            fcntl.flock(handle, operation | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise SftkitError(
-                    f"the artifact store lock {path} is held by another process; retry, or find the stuck "
-                    "sftkit process (e.g. `fuser` on that file)"
-                ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)

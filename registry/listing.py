@@ -21,12 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from sftkit.errors import SftkitError
-from sftkit.registry.artifacts import ArtifactStore
 from sftkit.registry.location import (
+    ARTIFACT_URL_KEY,
     BUSY_TIMEOUT_S,
     DB_NAME,
     HEAD,
+    artifact_address,
+    artifact_url,
+    cache_directory,
     home_directory,
+    local_artifact_root,
+    normalized_artifact_url,
     registry_url,
     sqlite_file_uri,
     store_directory,
@@ -39,14 +44,17 @@ from sftkit.registry.records import SFTRecord, record_from_columns
 class SQLiteListing(Finder):
     """Read-only ``find`` over a SQLite registry file at schema ``HEAD``."""
 
-    def __init__(self, connection: sqlite3.Connection, url: str, store: ArtifactStore) -> None:
+    def __init__(self, connection: sqlite3.Connection, url: str, artifacts: str, cache_dir: Path) -> None:
         self._connection = connection
         self.url = url
-        self.store = store
+        self._artifacts = artifacts
+        self._local_root = local_artifact_root(artifacts)
+        self._cache_dir = cache_dir
 
     @classmethod
-    def open(cls, home_dir: Path, store_dir: Path) -> SQLiteListing | None:
-        """None when this registry needs the full ``Registry`` (missing, other schema, unreadable)."""
+    def open(cls, home_dir: Path, store_dir: Path, requested: str | None = None) -> SQLiteListing | None:
+        """None when this registry needs the full ``Registry`` (missing, other schema, unreadable, or an
+        artifact location asked for that differs from the recorded one: its message then applies)."""
         db_path = home_dir / DB_NAME
         if not db_path.is_file():
             return None
@@ -64,7 +72,12 @@ class SQLiteListing(Finder):
         if revision is None or revision[0] != HEAD:
             connection.close()
             return None
-        return cls(connection, f"sqlite:///{db_path.resolve()}", ArtifactStore(store_dir))
+        recorded = connection.execute("SELECT value FROM registry_info WHERE key = ?", (ARTIFACT_URL_KEY,)).fetchone()
+        artifacts = recorded[0] if recorded else normalized_artifact_url(str(store_dir))
+        if requested and normalized_artifact_url(requested) != artifacts:
+            connection.close()
+            return None
+        return cls(connection, f"sqlite:///{db_path.resolve()}", artifacts, cache_directory(home_dir))
 
     def close(self) -> None:
         self._connection.close()
@@ -94,9 +107,17 @@ class SQLiteListing(Finder):
         except sqlite3.Error as exc:  # one clear line, as the SQLAlchemy path gives (never a driver traceback)
             raise SftkitError(f"registry database error ({self.url}): {exc}") from exc
         return [
-            record_from_columns(_decoded(row), tags.get(row["id"], ()), self.store.path_for(row["sha256"]))
+            record_from_columns(_decoded(row), tags.get(row["id"], ()), self._path(row["sha256"]), self._address(row))
             for row in rows
         ]
+
+    def _path(self, sha256: str) -> Path:
+        """As ``Registry`` gives it: in the local store, or where this machine caches a remote artifact."""
+        root = self._local_root if self._local_root is not None else self._cache_dir
+        return root / sha256[:2] / sha256
+
+    def _address(self, row: dict[str, Any]) -> str:
+        return artifact_address(self._artifacts, row["sha256"])
 
     def _tags(self, ids: list[int]) -> dict[int, list[str]]:
         tags: dict[int, list[str]] = {}
@@ -128,14 +149,15 @@ def open_listing(
     home: str | os.PathLike[str] | None = None,
     url: str | None = None,
     store: str | os.PathLike[str] | None = None,
+    artifacts: str | None = None,
 ) -> Finder:
     """Something with ``find`` and ``url`` for this registry, as cheaply as it can be had."""
     url = registry_url(url)
     if url is None:
         home_dir = home_directory(home)
-        listing = SQLiteListing.open(home_dir, store_directory(home_dir, store))
+        listing = SQLiteListing.open(home_dir, store_directory(home_dir, store), artifact_url(artifacts))
         if listing is not None:
             return listing
     from sftkit.registry.core import Registry  # SQLAlchemy only when the fast path cannot answer
 
-    return Registry.open(home=home, url=url, store=store)
+    return Registry.open(home=home, url=url, store=store, artifacts=artifacts)

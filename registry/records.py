@@ -26,7 +26,9 @@ class SFTRecord:
     """One registered SFT (or, with ``id=None``, an SFT directory outside the registry).
 
     ``path`` is a normal SFT directory (``sftkit.sft.SparseFineTuning.load`` reads it); for a stored
-    SFT it lies in the content-addressed store and must not be modified.
+    SFT it lies in the content-addressed store, or for a remote store in this machine's cache (where it
+    appears once ``Registry.local_copy`` or ``load`` fetched it), and must not be modified. ``location``
+    is the URL of a stored SFT's bytes (None for a directory outside the registry).
     """
 
     id: int | None
@@ -53,6 +55,7 @@ class SFTRecord:
     created: datetime | None = None
     tags: tuple[str, ...] = ()
     path: Path | None = None
+    location: str | None = None
 
     @property
     def name(self) -> str:
@@ -84,17 +87,17 @@ class VerifyProblem:
 
     reference: str
     sha256: str
-    path: Path
+    location: str  # where the bytes should be: a URL, or a path for a store on this machine
     problem: str
 
     def __str__(self) -> str:
-        return f"{self.reference}: {self.problem} ({self.path})"
+        return f"{self.reference}: {self.problem} ({self.location})"
 
     def to_dict(self) -> dict[str, str]:
-        return {"reference": self.reference, "sha256": self.sha256, "path": str(self.path), "problem": self.problem}
+        return {"reference": self.reference, "sha256": self.sha256, "location": self.location, "problem": self.problem}
 
 
-def record_from_columns(columns: Mapping[str, Any], tags: Iterable[str], path: Path) -> SFTRecord:
+def record_from_columns(columns: Mapping[str, Any], tags: Iterable[str], path: Path, location: str | None) -> SFTRecord:
     """An ``SFTRecord`` from the values of one ``sfts`` row (ORM attributes or a raw SQL row alike)."""
     created = columns["created"]
     if created is not None and created.tzinfo is None:  # SQLite drops the zone; we always store UTC
@@ -126,4 +129,5 @@ def record_from_columns(columns: Mapping[str, Any], tags: Iterable[str], path: P
         created=created,
         tags=tuple(sorted(tags)),
         path=path,
+        location=location,
     )

@@ -8,6 +8,9 @@ checks that the two agree.
 - ``sfts``: one per stored artifact (``sha256`` is unique: identical SFTs are stored once).
 - ``registry_info``: key/value facts about the database, e.g. its ``registry_id`` (the artifact
   store records it, so that two databases never share, and garbage-collect, one store).
+- ``artifact_locks``: never holds a committed row. A transaction that starts or stops a row pointing at
+  an artifact (add, rm, gc) first inserts the artifact's sha256 here and deletes it before committing:
+  the primary key makes every other such transaction for the same artifact wait, on any host (see core).
 - ``tags``: aliases such as ``best`` or ``paper``; unique within a series, so ``ace@best`` names
   exactly one version (tagging another version moves the alias).
 """
@@ -56,6 +59,12 @@ class InfoRow(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class ArtifactLockRow(Base):
+    __tablename__ = "artifact_locks"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
 
 
 class SeriesRow(Base):
@@ -111,9 +120,9 @@ class SFTRow(Base):
     def reference(self) -> str:
         return canonical_reference(self.kind, sft_name(self.kind, self.language, self.task), self.version)
 
-    def to_record(self, path: Path) -> SFTRecord:
+    def to_record(self, path: Path, location: str | None) -> SFTRecord:
         columns = {column.key: getattr(self, column.key) for column in self.__table__.columns}
-        return record_from_columns(columns, (tag.name for tag in self.tags), path)
+        return record_from_columns(columns, (tag.name for tag in self.tags), path, location)
 
 
 class TagRow(Base):

@@ -67,6 +67,53 @@ def sftkit_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """moto's standalone S3 server on 127.0.0.1: a real HTTP endpoint that s3fs talks to exactly as to AWS."""
+    import logging
+    import socket
+
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]')")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(s3_endpoint, tmp_path, monkeypatch) -> dict[str, str]:
+    """The standard AWS variables, pointing every S3 client at the test server (and at no user config)."""
+    env = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+    }
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "SFTKIT_ARTIFACT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def s3_bucket(aws_env) -> str:
+    """A fresh, empty bucket on the test server; its name."""
+    import uuid
+
+    import s3fs
+
+    name = f"sftkit-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return name
+
+
 @pytest.fixture
 def cli(sftkit_home):
     """Run ``sftkit ARGS…`` in-process (typer's CliRunner) against the test's empty registry home."""

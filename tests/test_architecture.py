@@ -49,7 +49,7 @@ REGISTRY = "sftkit.registry"
 # Leaf modules: they may import no first-party module but these.
 LEAVES = {"sftkit.errors": {"sftkit.errors"}, "sftkit.params": {"sftkit.errors"}}
 # What ``sftkit --help`` must start without.
-HEAVY = ("torch", "transformers", "sqlalchemy")
+HEAVY = ("torch", "transformers", "sqlalchemy", "fsspec", "s3fs", "botocore")
 
 
 @dataclass(frozen=True)

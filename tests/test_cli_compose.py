@@ -7,36 +7,15 @@ import json
 import pytest
 import torch
 from cli_helpers import one_line_error
+from registry_helpers import base_sft
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
 from sftkit.cli.main import app
-from sftkit.fingerprint import base_fingerprint
-from sftkit.params import head_parameters, maskable_parameters
 from sftkit.registry import Registry
-from sftkit.sft import SFTMetadata, SparseFineTuning
-from sftkit.toy import LABELS
 
 runner = CliRunner()
-
-
-def _sft(model, kind: str, name: str, base: str, seed: int) -> SparseFineTuning:
-    generator = torch.Generator().manual_seed(seed)
-    deltas = {
-        n: torch.randn(p.shape, generator=generator) * (torch.rand(p.shape, generator=generator) < 0.05)
-        for n, p in maskable_parameters(model)
-    }
-    head = {n: torch.randn(p.shape, generator=generator) for n, p in head_parameters(model)}
-    metadata = SFTMetadata(
-        kind=kind,
-        language=name if kind == "language" else None,
-        task=name if kind == "task" else None,
-        labels=list(LABELS) if kind == "task" else None,
-        base_model=base,
-        base_fingerprint=base_fingerprint(model),
-    )
-    return SparseFineTuning.from_dense_deltas(deltas, head, metadata)
 
 
 @pytest.fixture
@@ -44,10 +23,10 @@ def populated(tiny_base, other_base, sftkit_home):
     registry = Registry.open()
     mlm = AutoModelForMaskedLM.from_pretrained(tiny_base)
     classifier = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=3)
-    registry.add(_sft(mlm, "language", "ban", str(tiny_base), 1))
-    registry.add(_sft(classifier, "task", "sa", str(tiny_base), 2))
+    registry.add(base_sft(mlm, "language", "ban", str(tiny_base), 1))
+    registry.add(base_sft(classifier, "task", "sa", str(tiny_base), 2))
     other = AutoModelForMaskedLM.from_pretrained(other_base)
-    registry.add(_sft(other, "language", "ace", str(other_base), 3))
+    registry.add(base_sft(other, "language", "ace", str(other_base), 3))
     return registry
 
 
@@ -147,7 +126,7 @@ def narrow_base(tmp_path_factory, toy_languages):
 
 @pytest.fixture
 def mixed(populated, narrow_base):
-    populated.add(_sft(AutoModelForMaskedLM.from_pretrained(narrow_base), "language", "jav", str(narrow_base), 4))
+    populated.add(base_sft(AutoModelForMaskedLM.from_pretrained(narrow_base), "language", "jav", str(narrow_base), 4))
     return populated
 
 
@@ -176,7 +155,7 @@ def test_sftkit_base_stands_in_for_a_hub_base_offline(sftkit_home, tiny_base, tm
     """SFTs that name a Hub base compose offline on a local copy given by SFTKIT_BASE; without it, one line."""
     registry = Registry.open()
     classifier = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=3)
-    registry.add(_sft(classifier, "task", "sa", "FacebookAI/xlm-roberta-base", 2))
+    registry.add(base_sft(classifier, "task", "sa", "FacebookAI/xlm-roberta-base", 2))
     line = one_line_error(runner.invoke(app, ["compose", "--task", "sa", "-o", str(tmp_path / "m")]))
     assert "'FacebookAI/xlm-roberta-base'" in line and "SFTKIT_BASE" in line and "HF_HUB_OFFLINE" in line
     monkeypatch.setenv("SFTKIT_BASE", str(tiny_base))

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from registry_helpers import BACKENDS, backend_url, tiny_sft
+from registry_helpers import BACKENDS, backend_url, read_stored, stored_files, tiny_sft, write_stored
 
 from sftkit.errors import BadInputError, BaseMismatchError, NotFoundError, SftkitError
 from sftkit.registry import Registry, SFTRecord
@@ -18,12 +18,15 @@ from sftkit.sft import SparseFineTuning
 
 @pytest.fixture(params=BACKENDS)
 def reg(request, sftkit_home):
-    with backend_url(request.param) as url, Registry.open(home=sftkit_home, url=url) as registry:
-        yield registry
+    """SQLite with the home's local store, or PostgreSQL with an S3 bucket: the two ends a registry runs on."""
+    with backend_url(request.param) as url:
+        artifacts = f"s3://{request.getfixturevalue('s3_bucket')}/registry" if url else None
+        with Registry.open(home=sftkit_home, url=url, artifacts=artifacts) as registry:
+            yield registry
 
 
 def artifact_dirs(registry: Registry) -> set[str]:
-    return {p.name for p in registry.store.root.glob("??/*") if p.is_dir()}
+    return set(registry.store.inventory()[0])
 
 
 def test_add_assigns_gap_free_versions_per_series(reg):
@@ -248,25 +251,25 @@ def test_load_refuses_an_artifact_that_changed(reg):
     loaded = reg.load("ace")
     assert loaded.num_entries == sft.num_entries and loaded.metadata.language == "ace"
 
-    weights = victim.path / "sft_model.safetensors"
-    data = bytearray(weights.read_bytes())
+    data = bytearray(read_stored(victim.location, "sft_model.safetensors"))
     data[-3] ^= 0xFF  # one flipped bit pattern in the tensor data: still a valid safetensors file
-    weights.write_bytes(bytes(data))
+    write_stored(victim.location, "sft_model.safetensors", bytes(data))
+    reg.cache.evict(victim.sha256)  # a remote store: as on a machine that has not read it yet
     with pytest.raises(SftkitError, match=r"lang:ban@1 .*does not match its sha256"):
         reg.load("ban")
     assert [(p.reference, p.problem) for p in reg.verify()] == [("lang:ban@1", "content does not match its sha256")]
     assert reg.load(good).num_entries == sft.num_entries  # the others are unharmed
 
 
-def test_verify_finds_missing_and_incomplete_artifacts_and_gc_collects_orphans(reg):
+def test_verify_finds_missing_and_incomplete_artifacts_and_gc_collects_orphans(reg, tmp_path):
     kept = reg.add(tiny_sft("ace", seed=1))
     missing = reg.add(tiny_sft("ban", seed=2))
     incomplete = reg.add(tiny_sft("bjn", seed=3))
     assert reg.verify() == []
-    import shutil
-
-    shutil.rmtree(missing.path)
-    (incomplete.path / "sft_model.safetensors").unlink()
+    for name in ("sft_config.json", "sft_model.safetensors", "README.md"):
+        write_stored(missing.location, name, None)
+    write_stored(incomplete.location, "sft_model.safetensors", None)
+    reg.cache.evict(missing.sha256)
     assert sorted((p.reference, p.problem) for p in reg.verify()) == [
         ("lang:ban@1", "artifact missing"),
         ("lang:bjn@1", "incomplete: sft_model.safetensors missing"),
@@ -274,15 +277,22 @@ def test_verify_finds_missing_and_incomplete_artifacts_and_gc_collects_orphans(r
     with pytest.raises(NotFoundError, match=r"artifact of lang:ban@1 is missing"):
         reg.load("ban")
 
-    orphan = reg.store.path_for("ab" * 32)
-    tiny_sft("zzz", seed=4).save(orphan)
-    leftover = reg.store.root / ".staging" / "deadbeef"
-    leftover.mkdir(parents=True)
-    (leftover / "partial").write_bytes(b"x")
-    removed = set(reg.gc())
-    assert removed == {orphan, leftover}
-    assert kept.path.is_dir() and incomplete.path.is_dir() and not orphan.exists()
-    assert reg.gc() == []
+    orphan = reg.store.address("ab" * 32)  # an add killed before its row
+    for path in tiny_sft("zzz", seed=4).save(tmp_path / "zzz").iterdir():
+        write_stored(orphan, path.name, path.read_bytes())
+    write_stored(kept.location, "sft_model.safetensors.partial-deadbeef", b"x")  # an upload killed mid-way
+    leftover = f"{stored_files(kept.location)[1]}/sft_model.safetensors.partial-deadbeef"
+    legacy = set()
+    if reg.store.local_root is not None:  # what a pre-issue-21 store kept beside its artifacts
+        for name in (".staging/abc/sft", ".trash/def", ".lock"):
+            (reg.store.local_root / name).parent.mkdir(parents=True, exist_ok=True)
+            (reg.store.local_root / name).write_text("old")
+        legacy = {str(reg.store.local_root / name) for name in (".staging", ".trash", ".lock")}
+    assert set(reg.gc()) == legacy  # the rest is younger than the grace period: maybe uploads in flight
+    assert set(reg.gc(grace_seconds=0)) == {orphan, leftover}
+    assert set(reg.store.inventory()[0]) == {kept.sha256, incomplete.sha256} and not reg.store.inventory()[1]
+    assert reg.verify() != [] and reg.load(kept).num_entries > 0
+    assert reg.gc(grace_seconds=0) == []
 
 
 def test_record_to_dict_is_json_ready(reg):

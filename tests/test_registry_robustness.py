@@ -32,11 +32,12 @@ def fork_server():
     return context
 
 
-def store_entries(registry: Registry) -> set[Path]:
-    """Everything in the store besides its bookkeeping files."""
-    root = registry.store.root
-    scratch = [p for d in (root / ".staging", root / ".trash") if d.is_dir() for p in d.iterdir()]
-    return {p for p in root.glob("??/*")} | set(scratch)
+def store_entries(registry: Registry, referenced: set[str] = frozenset()) -> set[str]:
+    """Every artifact in the store by address, and every file an interrupted upload left in a ``referenced``
+    one (in another artifact, it goes with that artifact)."""
+    artifacts, temporary = registry.store.inventory()
+    leftovers = {key for key, _ in temporary if key.rsplit("/", 2)[-2] in referenced}
+    return {registry.store.address(sha) for sha in artifacts} | leftovers
 
 
 @pytest.mark.slow
@@ -97,11 +98,11 @@ def test_killed_adds_leave_a_consistent_registry(fork_server, sftkit_home, tmp_p
             by_language[record.language].append(record.version)
         for numbers in by_language.values():  # a killed transaction never burns a version
             assert sorted(numbers) == list(range(1, len(numbers) + 1))
-        referenced = {registry.store.path_for(r.sha256) for r in records}
-        orphans = store_entries(registry) - referenced
+        referenced = {registry.store.address(r.sha256) for r in records}
+        orphans = store_entries(registry, {r.sha256 for r in records}) - referenced
         assert orphans, "no kill interrupted an add mid-way"
-        assert set(registry.gc()) == orphans
-        assert store_entries(registry) == referenced
+        assert set(registry.gc(grace_seconds=0)) == orphans
+        assert store_entries(registry, {r.sha256 for r in records}) == referenced
         assert registry.verify() == []
 
 
@@ -142,7 +143,7 @@ def test_corrupted_or_truncated_directories_are_refused(stocked, tmp_path):
     with pytest.raises(BadInputError, match="corrupted or truncated"):
         registry.resolve(str(truncated))
     unharmed()
-    assert not list((registry.store.root / ".staging").iterdir())
+    assert not registry.store.inventory()[1]  # no upload left a file behind
 
 
 def test_directories_that_are_not_sfts_are_refused(stocked, tmp_path):

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from sftkit.cli.context import activity, console, load_sft, print_json, state
+from sftkit.cli.context import activity, console, print_json, resolve, state
 from sftkit.cli.tuning_progress import print_trials, trial_reporter
 from sftkit.errors import BadInputError
 
@@ -157,9 +157,11 @@ dare-ties merges the wᵢ φᵢ as mergekit does; [b]--tune DEV[/b] chooses the 
             raise BadInputError(f"--tune: no dev set at {tune}")
 
     st = state(ctx)
+    records = [resolve(ctx, reference) for reference in references]
+    for record in records:
+        st.registry().local_copy(record)  # remote artifacts: downloaded (with byte bars) before the spinner
     with activity(ctx, f"loading {len(references)} SFT{'s' if len(references) > 1 else ''}"):
-        loaded = [load_sft(ctx, reference) for reference in references]
-    records, sfts = [r for r, _ in loaded], [s for _, s in loaded]
+        sfts = [st.registry().load(record) for record in records]
     # SFTs of different bases fit no --base: say so before suggesting one.
     check_same_base(parts_of(sfts, references=[r.reference for r in records]))
     bases = sorted({s.metadata.base_model for s in sfts if s.metadata.base_model})

@@ -243,7 +243,7 @@ def push_command(
     st = state(ctx)
     record = resolve(ctx, reference)
     with tempfile.TemporaryDirectory(prefix="sftkit-push-") as scratch:
-        directory = Path(record.path)
+        directory = st.registry().local_copy(record)
         if format == "lt-sft":
             from sftkit.interop import export_sft
 

@@ -1,4 +1,5 @@
-"""Registry commands: ``list``, ``show``, ``tag``, ``rm``, ``verify``, ``gc`` and ``db upgrade|status``.
+"""Registry commands: ``list``, ``show``, ``tag``, ``rm``, ``verify``, ``gc``, ``cache`` and
+``db upgrade|status|migrate-artifacts``.
 
 None of them imports torch: densities come from the safetensors header (``sftkit.artifact``, ``sftkit.density``).
 """
@@ -6,11 +7,13 @@ None of them imports torch: densities come from the safetensors header (``sftkit
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sftkit.cli.context import console, err_console, print_json, progress, resolve, state
+from sftkit.cli.context import activity, console, err_console, print_json, progress, resolve, state
+from sftkit.errors import BadInputError
 from sftkit.registry.query import SORT_KEYS
 
 if TYPE_CHECKING:
@@ -54,9 +57,32 @@ the source's reference as text). Version numbers are never reused.
 """
 
 MAINTENANCE = """
-[b]verify[/b] re-hashes every artifact (exit 1 if any is missing or changed); [b]gc[/b] deletes store
-entries no row references (left by interrupted adds); [b]db upgrade[/b] migrates the schema.
+[b]verify[/b] re-hashes every artifact where it is kept, remote ones included (exit 1 if any is missing or
+changed); [b]gc[/b] deletes artifacts no row references (left by interrupted adds and removals) once they are
+older than [b]--grace[/b] (default 24h: an add on another machine may still be uploading); [b]db upgrade[/b]
+migrates the schema.
 """
+
+CACHE_HELP = """
+Remote artifacts (--artifact-url s3://…) are read through [b]$SFTKIT_HOME/cache[/b]: downloaded once, verified
+by their sha256, then reused. [b]--prune[/b] evicts the least recently used ones beyond [b]--max-size[/b].
+
+  sftkit cache                             [dim]# what is cached[/dim]
+  sftkit cache --prune --max-size 5G
+"""
+
+MIGRATE_HELP = """
+[b]migrate-artifacts[/b] copies every artifact to the new location, verifying each copy by its sha256, then
+records the new location in the registry: every machine that opens it uses it from then on. Interrupted, it
+resumes where it stopped (copies already there and intact are kept). The old copies stay where they were.
+[b]migrate-rows[/b] copies the rows into an empty database. A laptop's registry becomes a team's:
+
+  sftkit db migrate-artifacts --to s3://team-bucket/sftkit
+  sftkit db migrate-rows --to postgresql://sftkit@db.example.org/sftkit
+"""
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 _SORTS = ", ".join(SORT_KEYS)
 
@@ -76,6 +102,15 @@ def _bytes(size: int) -> str:
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{size} B"
+
+
+def _quantity(text: str, units: dict[str, int], what: str, example: str) -> float:
+    """``90`` / ``30m`` / ``24h`` (durations) or ``500M`` / ``10G`` (sizes) as a number of base units."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]?)[bB]?\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in units:
+        raise BadInputError(f"{text!r} is not a {what} (e.g. {example})")
+    return float(match.group(1)) * units[unit]
 
 
 def _percent(fraction: float | None) -> str:
@@ -228,6 +263,7 @@ def show_command(
 
     registry = state(ctx).registry()
     record = resolve(ctx, reference)
+    registry.local_copy(record)  # a remote artifact: fetched once into this machine's cache, verified
     config = record.config()
     registered = record.id is not None
     lineage = registry.lineage(record)[1:] if registered else []
@@ -281,8 +317,11 @@ def show_command(
         ("sha256", record.sha256),
         ("created", f"{record.created:%Y-%m-%d %H:%M:%S %Z}" if record.created else None),
         ("sftkit version", config.get("sftkit_version")),
-        ("path", str(record.path)),
     ]
+    if record.location is not None and record.location != str(record.path):  # a remote artifact
+        rows += [("bytes at", record.location), ("local copy", str(record.path))]
+    else:
+        rows.append(("path", str(record.path)))
     for key, value in rows:
         about.add_row(f"[bold]{key}[/bold]", _value(value))
     console.print(about)
@@ -364,9 +403,9 @@ def verify_command(
     if json_output:
         print_json([problem.to_dict() for problem in problems])
     elif problems:
-        table = _table("reference", "problem", "path", title=f"{len(problems)} damaged artifact(s)")
+        table = _table("reference", "problem", "location", title=f"{len(problems)} damaged artifact(s)")
         for problem in problems:
-            table.add_row(problem.reference, problem.problem, _value(str(problem.path)))
+            table.add_row(problem.reference, problem.problem, _value(problem.location))
         err_console.print(table)
         err_console.print("Re-add damaged SFTs from their source directories, or remove them (`sftkit rm`).")
     else:
@@ -375,12 +414,88 @@ def verify_command(
         raise typer.Exit(1)
 
 
-def gc_command(ctx: typer.Context) -> None:
-    """Delete store entries that no registered SFT references."""
-    removed = state(ctx).registry().gc()
+def gc_command(
+    ctx: typer.Context,
+    grace: Annotated[
+        str, typer.Option(help="Keep what is younger than this (90s, 30m, 24h, 2d): uploads still in flight.")
+    ] = "24h",
+) -> None:
+    """Delete artifacts that no registered SFT references, once older than the grace period."""
+    seconds = _quantity(grace, _UNITS, "duration", "90s, 30m, 24h, 2d")
+    removed = state(ctx).registry().gc(grace_seconds=seconds)
     for path in removed:
         console.print(f"removed {path}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"{len(removed)} unreferenced store entr{'y' if len(removed) == 1 else 'ies'} removed")
+
+
+def cache_command(
+    ctx: typer.Context,
+    prune: Annotated[bool, typer.Option("--prune", help="Evict the least recently used beyond --max-size.")] = False,
+    max_size: Annotated[str, typer.Option(help="The bound --prune keeps to (500M, 10G; 0 empties it).")] = "10G",
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """This machine's cache of remote artifacts: what it holds, and --prune to bound it."""
+    from sftkit.registry.cache import ArtifactCache
+    from sftkit.registry.location import cache_directory, home_directory
+
+    bound = int(_quantity(max_size, _SIZES, "size", "500M, 10G, 0"))
+    cache = ArtifactCache(cache_directory(home_directory(state(ctx).home)))
+    evicted = cache.prune(bound) if prune else []
+    entries = cache.entries()
+    total = sum(entry.size_bytes for entry in entries)
+    if json_output:
+        print_json(
+            {
+                "path": str(cache.root),
+                "entries": len(entries),
+                "size_bytes": total,
+                "evicted": [entry.sha256 for entry in evicted],
+            }
+        )
+        return
+    if prune:
+        freed = sum(entry.size_bytes for entry in evicted)
+        console.print(f"evicted {len(evicted)} artifact(s), {_bytes(freed)}", highlight=False)
+    console.print(f"{cache.root}: {len(entries)} artifact(s), {_bytes(total)}", highlight=False, soft_wrap=True)
+
+
+def db_migrate_rows_command(
+    ctx: typer.Context,
+    to: Annotated[str, typer.Option("--to", help="SQLAlchemy URL of an empty database, e.g. postgresql://…")],
+) -> None:
+    """Copy every row into an empty database (versions, tags, lineage kept); the artifacts stay where they are."""
+    from sftkit.registry.relocation import migrate_rows
+
+    registry = state(ctx).registry()
+    with activity(ctx, "copying the registry's rows"):
+        count = migrate_rows(registry, to)
+    console.print(
+        f"copied {count} SFT(s) to {_value(to)}; point SFTKIT_REGISTRY_URL at it (this database is left as it was)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def db_migrate_artifacts_command(
+    ctx: typer.Context,
+    to: Annotated[str, typer.Option("--to", help="The new location: s3://bucket/prefix, a path, an fsspec URL.")],
+) -> None:
+    """Copy every artifact to a new location (verified, resumable) and switch the registry to it."""
+    from sftkit.registry.relocation import migrate_artifacts
+
+    registry = state(ctx).registry()
+    with progress(ctx) as bar:
+        task = bar.add_task("copying artifacts", total=None)
+        report = migrate_artifacts(
+            registry, to, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    console.print(
+        f"moved the registry's artifacts from {report.source} to {report.target}: {report.copied} copied, "
+        f"{report.present} already there; the old copies were left in place",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def db_upgrade_command(ctx: typer.Context) -> None:
@@ -412,7 +527,10 @@ def register(app: typer.Typer) -> None:
     app.command("rm", epilog=RM_EXAMPLES, rich_help_panel=PANEL)(rm_command)
     app.command("verify", epilog=MAINTENANCE, rich_help_panel=PANEL)(verify_command)
     app.command("gc", epilog=MAINTENANCE, rich_help_panel=PANEL)(gc_command)
-    db = typer.Typer(help="Registry database schema: status and upgrade.", no_args_is_help=True)
+    app.command("cache", epilog=CACHE_HELP, rich_help_panel=PANEL)(cache_command)
+    db = typer.Typer(help="Registry database: status, schema upgrade, moving its artifacts.", no_args_is_help=True)
     db.command("upgrade")(db_upgrade_command)
     db.command("status")(db_status_command)
+    db.command("migrate-artifacts", epilog=MIGRATE_HELP)(db_migrate_artifacts_command)
+    db.command("migrate-rows", epilog=MIGRATE_HELP)(db_migrate_rows_command)
     app.add_typer(db, name="db", rich_help_panel=PANEL)

@@ -629,10 +629,13 @@ def _is_tagger(ctx: typer.Context, directory: Path, target: str) -> bool:
     from sftkit.artifact import CONFIG_NAME
 
     record = resolve(ctx, target)
-    if record.kind != "task" or record.path is None or not (record.path / CONFIG_NAME).is_file():
+    if record.kind != "task":
+        return False
+    path = state(ctx).registry().local_copy(record)
+    if path is None or not (path / CONFIG_NAME).is_file():
         return False  # loading the SFT says what is wrong with it
     try:
-        metadata = json.loads((record.path / CONFIG_NAME).read_text())
+        metadata = json.loads((path / CONFIG_NAME).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(metadata, dict) and metadata.get("head_type") == "token-classification"
