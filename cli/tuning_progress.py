@@ -59,7 +59,9 @@ def print_trials(tuning: Tuning, metric: str, references: Sequence[str], dev: An
 
     best = tuning.best
     searched_density = len({trial.density for trial in tuning.trials}) > 1
-    table = Table(title=f"--tune on {dev}: {len(tuning.trials)} trials ({tuning.search} search)", title_justify="left")
+    # The heading is a line of its own, never wrapped: as a table title it broke inside a long dev-set path.
+    console.print(f"--tune on {dev}: {len(tuning.trials)} trials ({tuning.search} search)", soft_wrap=True)
+    table = Table()
     table.add_column("#", justify="right")
     for position in tuning.tuned:
         table.add_column(f"w {references[position]}", justify="right")
