@@ -271,7 +271,7 @@ def quick_cache(base: str, seeds: int) -> Path:
     budget = replace(mini.QUICK, base=base)
     name = Path(base).name if base not in ("me5-small", "minilm") else base
     directory = mini.OUT / f"quick-table9-{name}-{budget.digest()}"
-    mini.Experiment(budget, mini.resolve_base(base), seeds, directory).run_core()
+    mini.Experiment(budget, mini.resolve_base(base), list(range(seeds)), directory).run_core()
     return directory
 
 

@@ -288,10 +288,16 @@ class State:
 
 class Experiment:
     def __init__(
-        self, budget: Budget, base_dir: str, seeds: int, directory: Path, device: str = "cpu", fit_head: bool = True
+        self,
+        budget: Budget,
+        base_dir: str,
+        seeds: list[int],
+        directory: Path,
+        device: str = "cpu",
+        fit_head: bool = True,
     ) -> None:
         """``fit_head=False``: θ0 is ``base_dir`` as it is (a planner that only counts steps trains nothing)."""
-        self.budget, self.seeds, self.directory, self.device = budget, list(range(seeds)), directory, device
+        self.budget, self.seeds, self.directory, self.device = budget, list(seeds), directory, device
         directory.mkdir(parents=True, exist_ok=True)
         self.smsa = {split: nusax_data.clean_smsa(split) for split in ("train", "valid")}
         self.source_base = base_dir
@@ -1186,7 +1192,10 @@ def paper_plan(experiment: Experiment, seeds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="me5-small", help="me5-small (default), minilm, or an XLM-R model dir")
-    parser.add_argument("--seeds", type=int, default=3, help="task-SFT (and full fine-tuning) seeds")
+    parser.add_argument("--seeds", type=int, default=3, help="task-SFT (and full fine-tuning) seeds: 0 … N-1")
+    parser.add_argument(
+        "--seed-list", type=int, nargs="+", help="these task seeds, not 0 … N-1 (those a cut-short run finished)"
+    )
     parser.add_argument("--extras", action="store_true", help="the extra rows (after the core ones)")
     parser.add_argument("--ablations", action="store_true", help="Table 5's variants of DEFT-X (not the core)")
     parser.add_argument("--quick", action="store_true", help="tiny step counts, ace only, 100 test rows")
@@ -1207,6 +1216,7 @@ def main(argv: list[str] | None = None) -> int:
     part = "ablations" if args.ablations else "extras" if args.extras else "core"
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    task_seeds = sorted(set(args.seed_list)) if args.seed_list else list(range(args.seeds))
     if not nusax_data.DATA_ROOT.is_dir():
         fail(f"the data is not at {nusax_data.DATA_ROOT} (see ../shared/data/MANIFEST.md)")
     import torch
@@ -1232,8 +1242,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.paper_budget:
         with quiet_transformers():
             directory = OUT / f"paper-plan-{name}-{budget.digest()}"
-            planner = Experiment(budget, base_dir, args.seeds, directory, device, fit_head=False)
-            plan = {"budget": asdict(budget), "setting": setting, **paper_plan(planner, args.seeds)}
+            planner = Experiment(budget, base_dir, task_seeds, directory, device, fit_head=False)
+            plan = {"budget": asdict(budget), "setting": setting, **paper_plan(planner, len(task_seeds))}
         RECORDS.mkdir(exist_ok=True)
         (RECORDS / f"{record_stem}_paper_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
         print(json.dumps(plan, indent=1))
@@ -1247,7 +1257,7 @@ def main(argv: list[str] | None = None) -> int:
     figures.mkdir(parents=True, exist_ok=True)
     try:
         with quiet_transformers():
-            experiment = Experiment(budget, base_dir, args.seeds, directory, device)
+            experiment = Experiment(budget, base_dir, task_seeds, directory, device)
             if part == "ablations":
                 experiment.run_ablations()
             else:
