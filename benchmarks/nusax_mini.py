@@ -55,9 +55,11 @@ scaled by issue 19's own 2-thread timings (MLM step ~2 s, task step ~1.2 s; the 
 task step's tokens by up to 1.6×). Each run records its own per-step timings; check them after the first SFT.
 
 k is the paper's fraction of the maskable entries (7.6 M and 14.2 M of XLM-R base's 277 M: 2.8 % and
-5.1 %). Every SFT, score, prediction and timing is cached under
-``benchmarks/out/nusax_mini/<core|quick>-<table9|table2>-<base>-<settings digest>/``, so a rerun resumes and
-a changed setting starts a new directory; the report is also written to
+5.1 %). Every SFT is cached once per (name, training config, data) in ``benchmarks/out/nusax_mini/sft/`` (its
+training time beside it) and every phase 1 in ``…/full-phase/``, shared by all budgets, so a changed task budget
+leaves the language SFTs cached; scores, predictions and timings are kept per budget under
+``benchmarks/out/nusax_mini/<core|quick>-<table9|table2>-<base>-<settings digest>/``, so a rerun resumes
+(``--seed-list`` reports the seeds a cut-short run finished); the report is also written to
 ``benchmarks/results/nusax_mini_<base>_<table9|table2>.json`` (committed; the earlier records stay).
 
     python benchmarks/nusax_mini.py                    # core table (me5-small, Table 9's setting)
