@@ -416,6 +416,7 @@ class Experiment:
 
         key = hashlib.sha256(json.dumps([config.digest(), data], sort_keys=True).encode()).hexdigest()[:12]
         path, timing_path = SFT_CACHE / f"{name}-{key}", SFT_CACHE / f"{name}-{key}.timing.json"
+        sft = None
         if not path.is_dir():
             log(f"training {name} …")
             started, timer = time.perf_counter(), StepTimer()
@@ -428,7 +429,7 @@ class Experiment:
         self.state.data.setdefault("step_seconds", {})[name] = timing["steps"]
         self.state.data.setdefault("sft_paths", {})[name] = str(path)
         self.state.add_seconds(name, timing["seconds"])
-        return SparseFineTuning.load(path)
+        return sft if sft is not None else SparseFineTuning.load(path)  # a fresh SFT is not read back from disk
 
     def sft_paths(self, prefix: str = "") -> list[tuple[str, Path]]:
         """This run's SFTs whose name starts with ``prefix``, by name, with where the cache keeps them."""
