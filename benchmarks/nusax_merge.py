@@ -188,23 +188,32 @@ def f1_table(run: Run, seeds: list[int], targets: tuple[str, ...]) -> dict[str, 
 
 
 def effect_table(run: Run, seeds: list[int], targets: tuple[str, ...], resamples: int) -> dict[str, dict[str, Any]]:
-    """Each merged row against the plain composition and against the task SFT alone: nusax_mini's paired bootstrap."""
+    """Each merged row against the plain composition and against the task SFT alone, and each LT-SFT merge against
+    DEFT-X's plain composition (does merge-time conflict resolution buy what training-time denoising does?):
+    nusax_mini's paired bootstrap."""
     gold = {lang: [mini.LABELS.index(label) for _, label in run.cache.test_rows(lang)] for lang in targets}
+
+    def effect(row: str, against: str) -> dict[str, Any]:
+        per = {}
+        for index, language in enumerate((*targets, "avg")):
+            languages = targets if language == "avg" else (language,)
+            cells = [
+                (gold[lang], run.kept(row, s, lang), run.kept(against, s, lang)) for lang in languages for s in seeds
+            ]
+            per[language] = mini.paired_bootstrap(cells, resamples=resamples, seed=index)
+        return per
+
     out = {}
     for method in mini.CORE_METHODS:
         for setting in SETTINGS:
             row = merged_row(method, setting)
             for against, name in ((mini.composed_row(method), "sum, w 1"), (mini.alone_row(method), "θ0 + φ_T")):
-                per = {}
-                for index, language in enumerate((*targets, "avg")):
-                    languages = targets if language == "avg" else (language,)
-                    cells = [
-                        (gold[lang], run.kept(row, s, lang), run.kept(against, s, lang))
-                        for lang in languages
-                        for s in seeds
-                    ]
-                    per[language] = mini.paired_bootstrap(cells, resamples=resamples, seed=index)
-                out[f"{method}, {setting} − {name}"] = per
+                out[f"{method}, {setting} − {name}"] = effect(row, against)
+    lt_sft, deft_x = mini.CORE_METHODS
+    for setting in SETTINGS:
+        out[f"{lt_sft}, {setting} − {deft_x}, sum, w 1"] = effect(
+            merged_row(lt_sft, setting), mini.composed_row(deft_x)
+        )
     return out
 
 

@@ -158,9 +158,13 @@ class Budget:
     task_validation_rows: int | None = None  # a seeded sample of SMSA valid for checkpoint selection; None = all
     test_rows: int | None = None  # None = all 400
     paper_schedule: bool = False  # steps from the paper recipes' epoch rules (Appendix C), not *_steps
+    # The language SFTs' sparse phase (trainer option sparse_steps); None: language_steps, as phase 1. Left out of
+    # the digest when None, so the budgets run before it existed keep their cache directories.
+    language_sparse_steps: int | None = None
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        recorded = {key: value for key, value in asdict(self).items() if key != "language_sparse_steps" or value}
+        return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:12]
 
     def head_fit_digest(self) -> str:
         """Names the fitted base: only what changes the head (a rerun with other SFT steps reuses it)."""
@@ -449,6 +453,8 @@ class Experiment:
         b = self.budget
         steps, eval_steps = (b.language_steps, b.language_eval_steps) if corpus == "nusax" else (NUSAWRITES_STEPS, 80)
         schedule = {} if b.paper_schedule and corpus == "nusax" else {"max_steps": steps, "min_steps": 0}
+        if corpus == "nusax" and b.language_sparse_steps:
+            schedule["sparse_steps"] = b.language_sparse_steps
         return make_config(
             language=language,
             recipe="paper-lang",
@@ -1112,7 +1118,9 @@ def cost_estimate(
     parts = {
         "head fit (once per base)": budget.head_fit_steps * seconds["head-fit step"],
         "language SFTs, phase 1 (shared)": language_total * seconds["language step"],
-        "language SFTs, sparse phases": methods * language_total * seconds["language sparse step"],
+        "language SFTs, sparse phases": methods
+        * (len(languages) * budget.language_sparse_steps if budget.language_sparse_steps else language_total)
+        * seconds["language sparse step"],
         "language validations": (1 + methods) * language_validations * seconds["language validation (5 % held out)"],
         "task SFTs, phase 1 (shared)": seeds * task_steps * seconds["task step"],
         "task SFTs, sparse phases": seeds * methods * task_steps * seconds["task sparse step"],
@@ -1210,8 +1218,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write the paper's full-recipe plan and its cost; run it on a GPU, a few steps of it on a CPU",
     )
+    parser.add_argument(
+        "--language-sparse-steps",
+        type=int,
+        help="the language SFTs' sparse-phase steps (default: as many as phase 1); their phase 1 is reused",
+    )
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the effects' CIs")
     args = parser.parse_args(argv)
+    if args.language_sparse_steps is not None and args.language_sparse_steps < 1:
+        parser.error("--language-sparse-steps must be at least 1")
     if args.ablations and args.extras:
         parser.error("run --extras and --ablations separately")
     if args.paper_budget and (args.extras or args.ablations or args.quick):
@@ -1235,7 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
         budget, kind = replace(PAPER, base=args.base), "paper"
     else:
         budget, kind = replace(QUICK if args.quick else CORE, base=args.base), "quick" if args.quick else "core"
-    budget = replace(budget, source_init=args.source_init)
+    budget = replace(budget, source_init=args.source_init, language_sparse_steps=args.language_sparse_steps)
     base_dir = resolve_base(args.base)
     name = Path(args.base).name if args.base not in ("me5-small", "minilm") else args.base
     setting = "table2" if budget.source_init else "table9"

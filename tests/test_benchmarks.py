@@ -242,6 +242,21 @@ def test_nusax_mini_cost_estimate_and_settings():
     # the fitted base is shared by every budget with the same head fit
     assert replace_budget(nusax_mini.CORE, task_steps=7).head_fit_digest() == nusax_mini.CORE.head_fit_digest()
     assert nusax_mini.QUICK.head_fit_digest() != nusax_mini.CORE.head_fit_digest()
+    # A longer sparse phase for the language SFTs: its own cache directory and cost, phase 1's config unchanged;
+    # unset, the budget keeps the digest (and cache directory) it had before the option existed.
+    assert nusax_mini.CORE.digest() == "3364d05b201d"
+    longer = replace_budget(nusax_mini.CORE, language_sparse_steps=2 * nusax_mini.CORE.language_steps)
+    assert longer.digest() != nusax_mini.CORE.digest()
+    part = "language SFTs, sparse phases"
+    assert nusax_mini.cost_estimate(longer, 3)[part] == pytest.approx(
+        2 * nusax_mini.cost_estimate(nusax_mini.CORE, 3)[part], abs=0.2
+    )
+    experiment = nusax_mini.Experiment.__new__(nusax_mini.Experiment)  # only its language_config is asked here
+    experiment.budget, experiment.base, experiment.device = longer, "base", "cpu"
+    config = experiment.language_config("ace", "LT-SFT")
+    assert config.sparse_steps == longer.language_sparse_steps and config.max_steps == longer.language_steps
+    experiment.budget = nusax_mini.CORE
+    assert experiment.language_config("ace", "LT-SFT").full_phase_digest() == config.full_phase_digest()
 
 
 def replace_budget(budget, **changes):

@@ -22,9 +22,9 @@ import pytest
 from sftkit import toy
 
 SFTKIT = shutil.which("sftkit")
-# ≈ 2× a run's CPU time here (73–84 s wall, two demos side by side, on the pretrained toy θ0): a machine 2×
-# slower passes, the 314 s demo of old would not.
-CPU_SECONDS_BOUND = 150.0
+# ≈ 2× a run's CPU time here (194 s on one thread since the language SFTs train 1 000 steps per phase to learn
+# their targets' words, issue 18): a machine 2× slower passes, a demo that doubled its work would not.
+CPU_SECONDS_BOUND = 400.0
 STAGES = (
     "toy world and θ0",
     "training and registering",
@@ -67,8 +67,8 @@ def _children_cpu_seconds() -> float:
 
 def test_demo_time_is_reported_and_bounded(demo, record_property):
     """Wall time is reported; the bound is on CPU time, which other jobs on the machine barely move
-    (73–84 s wall with two demos side by side, 115 s beside a 2-thread benchmark; wall time triples under a
-    parallel suite plus a benchmark)."""
+    (197 s wall beside one other job for 194 s of CPU; wall time doubles or triples under a parallel suite plus
+    a benchmark)."""
     results, _, wall, cpu = demo
     record_property("demo_wall_seconds", round(wall, 1))
     record_property("demo_cpu_seconds", round(cpu, 1))
@@ -101,7 +101,11 @@ def test_demo_trains_and_registers_both_methods(demo):
         (task,) = (r for r in mine if r["kind"] == "task")
         source = records[task["source_reference"]]  # the task SFT was trained on top of its method's src SFT
         assert (source["kind"], source["language"], source["method"]) == ("language", "src", method)
-        assert task["metrics"]["sparse"]["macro_f1"] > 0.6  # phase-2 validation, 3 classes
+        sparse, full = task["metrics"]["sparse"]["macro_f1"], task["metrics"]["full"]["macro_f1"]
+        assert sparse > 0.6  # phase-2 validation, 3 classes
+        # The task SFT's k is chosen, as the paper's K, so that the sparse phase keeps what phase 1 learnt (at
+        # the paper's 5.1 % share the toy lost 0.08 of it here).
+        assert sparse >= full - 0.05
     for record in records.values():
         assert record["num_entries"] == record["k"] > 0
         assert 0.0 < record["density"] < 1.0

@@ -60,7 +60,10 @@ def test_merges_and_tuning_on_a_cache_of_tiny_sfts(tmp_path, tiny_base):
     report = json.loads((cache / "merge.json").read_text())
     rows = merge.rows_of(mini.CORE_METHODS)
     assert list(report["macro_f1"]) == rows and len(rows) == 2 * (2 + len(merge.SETTINGS))
-    assert len(report["effects"]) == 2 * 2 * len(merge.SETTINGS)
+    # Each merge against the method's plain composition and its task SFT alone, and each LT-SFT merge against
+    # DEFT-X's plain composition (merge-time conflict resolution against training-time denoising).
+    assert len(report["effects"]) == 2 * 2 * len(merge.SETTINGS) + len(merge.SETTINGS)
+    assert "LT-SFT, ties D 0.3 − DEFT-X 90var, sum, w 1" in report["effects"]
     assert all(set(per) == {"ace", "avg"} for per in report["effects"].values())
     tuned = report["tuning"][f"{merge.merged_row('LT-SFT', 'ties, w_L and D tuned on dev')}|0|ace"]
     assert tuned["trials"] == 25 and tuned["search"] == "grid" and tuned["weights"][0] == 1.0

@@ -195,6 +195,36 @@ def test_resume_continues_an_interrupted_run_exactly(tiny_base, toy_languages, t
         train(config, train_data=rows, work_dir=work, resume=True)
 
 
+def test_sparse_steps_set_the_sparse_phase_apart_share_phase_1_and_resume_exactly(tiny_base, toy_languages, tmp_path):
+    rows = toy.labelled(toy_languages["src"], 64)
+    config = make_config(task="sa", base_model=str(tiny_base), recipe="quick", batch_size=8, max_steps=4, eval_steps=2)
+    longer = config.with_changes(sparse_steps=6)
+    result = train(longer, train_data=rows)
+    assert result.metrics["full"]["steps"] == 4 and result.metrics["sparse"]["steps"] == 6
+    assert [entry["step"] for entry in result.metrics["sparse"]["history"]] == [2, 4, 6]
+    assert result.sft.metadata.trainer["sparse_phase_steps"] == 6
+    # Unset, the option leaves a config's digest as it was before the option existed: run directories resume and
+    # caches keyed by the digest (the miniature's SFT cache) stay valid.
+    assert make_config(language="ace", recipe="quick", base_model="x").digest() == "e40722e7c75cd25f"
+
+    # Phase 1 does not depend on the sparse phase's length: one full-phase cache entry serves both runs.
+    cache = tmp_path / "full-phase"
+    shorter = train(config, train_data=rows, full_phase_cache=cache).sft
+    train(longer, train_data=rows, full_phase_cache=cache)
+    assert len(list(cache.iterdir())) == 1
+    assert any(not torch.equal(shorter.diffs[n].values, d.values) for n, d in result.sft.diffs.items())
+
+    # Interrupted in the sparse phase past phase 1's last step, a resume continues exactly.
+    work = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(longer, train_data=rows, work_dir=work, reporter=_Interrupt("sparse", 5))
+    resumed = train(longer, train_data=rows, work_dir=work, resume=True).sft
+    for name, delta in result.sft.diffs.items():
+        assert torch.equal(resumed.diffs[name].values, delta.values), name
+    with pytest.raises(BadInputError, match="sparse_steps must be positive"):
+        config.with_changes(sparse_steps=0)
+
+
 @pytest.mark.parametrize("phase", ["full", "sparse"])
 def test_a_time_interval_checkpoint_between_evaluations_resumes_exactly(tiny_base, toy_languages, tmp_path, phase):
     """Validation only at the last step: the checkpoint at step 2 can only come from the time interval."""

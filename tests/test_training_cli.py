@@ -124,6 +124,27 @@ def test_eval_refuses_a_language_sft(sftkit_home, tiny_base, files):
     assert "is a language SFT" in result.stderr
 
 
+def test_sparse_steps_from_the_command_line_are_recorded(sftkit_home, tiny_base, files):
+    _ok(
+        [
+            "train",
+            "--lang",
+            "ace",
+            "--corpus",
+            str(files["corpus"]),
+            "--base",
+            str(tiny_base),
+            *FAST,
+            "--sparse-steps",
+            "9",
+        ]
+    )
+    record = Registry.open().resolve("lang:ace")
+    assert (record.metrics["full"]["steps"], record.metrics["sparse"]["steps"]) == (6, 9)
+    refused = runner.invoke(app, ["train", "--lang", "ace", "--corpus", str(files["corpus"]), "--sparse-steps", "0"])
+    assert refused.exit_code == 2 and "--sparse-steps must be positive, not 0" in refused.stderr
+
+
 def test_train_and_eval_on_real_americasnli_files(sftkit_home, tiny_base):
     from conftest import requires_data
 

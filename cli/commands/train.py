@@ -223,9 +223,22 @@ def train_command(
     epochs: Annotated[float | None, typer.Option(rich_help_panel=_SCHEDULE)] = None,
     max_steps: Annotated[
         int | None,
-        typer.Option(help="Cap on steps per phase, the head warm-up included.", rich_help_panel=_SCHEDULE),
+        typer.Option(
+            help="Cap on steps per phase (the sparse phase's unless --sparse-steps sets it), the head warm-up "
+            "included.",
+            rich_help_panel=_SCHEDULE,
+        ),
     ] = None,
     min_steps: Annotated[int | None, typer.Option(help="Floor on steps per phase.", rich_help_panel=_SCHEDULE)] = None,
+    sparse_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Steps of the sparse phase, which restarts from θ0 with only k entries free and can need longer "
+            "than phase 1 to get back to its loss (default: as many as phase 1). Phase 1 is shared with runs that "
+            "differ only in this.",
+            rich_help_panel=_SCHEDULE,
+        ),
+    ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -392,6 +405,7 @@ those (memory ∝ k). The result is registered and its reference printed.
             epochs=epochs,
             max_steps=max_steps,
             min_steps=min_steps,
+            sparse_steps=sparse_steps,
             batch_size=batch_size,
             lr=lr,
             max_length=max_length,

@@ -30,7 +30,9 @@ TASK_TYPES = ("sequence", "token")
 TOKEN_TASKS = ("ner", "pos")
 TOKEN_METRICS = ("entity_f1", "accuracy", "macro_f1")
 # Fields that act only after phase 1 (selection and what follows): they do not change θ1.
-SELECTION_FIELDS = ("method", "rank", "keep", "k", "sparse_phase", "recipe", "extra")
+SELECTION_FIELDS = ("method", "rank", "keep", "k", "sparse_phase", "sparse_steps", "recipe", "extra")
+# Fields added after configs were first hashed, with the default that leaves them out of ``digest``.
+_LATER = {"sparse_steps": None}
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,14 @@ class TrainConfig:
     # Token data's JSONL keys: ``tokens`` / ``tags``, or text_column / label_column when set.
     task_type: str | None = None
     holdout: float = 0.05
-    # Schedule: steps = clamp(epochs × steps per epoch, min_steps, max_steps), the same in both phases.
+    # Schedule: steps = clamp(epochs × steps per epoch, min_steps, max_steps), the same in both phases unless
+    # sparse_steps sets the sparse phase's apart (the LT-SFT reference's sparse_ft_*_per_iteration settings are
+    # separate from the full phase's): the sparse phase starts again from θ0 with k entries to move, and may
+    # need longer to get back to where phase 1 ended.
     epochs: float = 1.0
     max_steps: int | None = None
     min_steps: int = 0
+    sparse_steps: int | None = None
     eval_steps: int = 1000
     batch_size: int = 8  # per micro-batch; an optimiser step sees batch_size × grad_accum examples
     grad_accum: int = 1
@@ -205,8 +211,11 @@ class TrainConfig:
         return _digest({key: value for key, value in self.to_dict().items() if key not in SELECTION_FIELDS})
 
     def digest(self) -> str:
-        """Stable hash of the whole configuration: names the run directory used by ``--resume``."""
-        return _digest(self.to_dict())
+        """Stable hash of the whole configuration: names the run directory used by ``--resume``. Options added
+        after a release are hashed only when set, so a config written before them keeps its digest (its run
+        directory resumes, caches keyed by it stay valid)."""
+        data = self.to_dict()
+        return _digest({key: value for key, value in data.items() if not (key in _LATER and value == _LATER[key])})
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -249,6 +258,8 @@ class TrainConfig:
                 raise BadInputError(f"{name} must be positive, not {value}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise BadInputError(f"max_steps must be positive, not {self.max_steps}")
+        if self.sparse_steps is not None and self.sparse_steps <= 0:
+            raise BadInputError(f"sparse_steps must be positive, not {self.sparse_steps}")
         if self.head_warmup_steps is not None and self.head_warmup_steps < 0:
             raise BadInputError(f"head_warmup_steps must not be negative, not {self.head_warmup_steps}")
         if self.kind == "task" and self.head_warmup_steps:
@@ -342,6 +353,10 @@ class TrainConfig:
         per_epoch = -(-examples // self.effective_batch_size)
         steps = max(round(self.epochs * per_epoch), self.min_steps, 1)
         return min(steps, self.max_steps) if self.max_steps is not None else steps
+
+    def sparse_phase_steps(self, examples: int) -> int:
+        """Optimiser steps of the sparse phase: ``sparse_steps``, else as many as phase 1."""
+        return self.sparse_steps if self.sparse_steps is not None else self.total_steps(examples)
 
 
 def _digest(data: dict[str, Any]) -> str:

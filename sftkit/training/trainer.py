@@ -427,7 +427,8 @@ class _Run:
     labels: list[str] | None  # a task's label names, in id order
     data_record: dict[str, Any]  # what the data was (sft_config.json's ``data``)
     collate: Any  # examples → a batch (MLM masking drawn from the step's seed)
-    total_steps: int  # per phase
+    total_steps: int  # phase 1's (and the head warm-up's cap)
+    sparse_steps: int  # the sparse phase's: config.sparse_steps, else total_steps
     model: nn.Module  # θ_start: θ0 (+ φ_source for a task SFT), moved to ``device``
     base_fingerprint: str  # θ0's, before any source SFT was applied
     head: list[tuple[str, nn.Parameter]]  # trained fully (not a frozen decoder)
@@ -511,7 +512,8 @@ class _Run:
             )
             for language, part in zip(languages or [None], loaded, strict=True)
         ]
-        total_steps = config.total_steps(sum(len(part.train_items) for part in loaded))
+        examples = sum(len(part.train_items) for part in loaded)
+        total_steps, sparse_steps = config.total_steps(examples), config.sparse_phase_steps(examples)
         sizes = [len(part.train_items) for part in loaded]
         record = (
             loaded[0].record
@@ -533,7 +535,8 @@ class _Run:
         resuming = run_dir.start(manifest, resume)
         dist.barrier()
         if resuming:
-            reporter.note(f"resuming the run in {run_dir.path}: {_resume_point(run_dir, total_steps, start)}")
+            where = _resume_point(run_dir, (total_steps, sparse_steps), start)
+            reporter.note(f"resuming the run in {run_dir.path}: {where}")
         digest = source.delta_digest() if source is not None else (sources_digest(sfts) if sfts else None)
         return cls(
             config=config,
@@ -543,13 +546,14 @@ class _Run:
             language_mode=language_mode,
             tokenizer=tokenizer,
             streams=streams,
-            schedule=step_schedule(sizes, batch, config.source_sampling, config.seed, total_steps),
+            schedule=step_schedule(sizes, batch, config.source_sampling, config.seed, max(total_steps, sparse_steps)),
             validation_items=sum(len(part.validation_items) for part in loaded),
             validation_batches=validation_batches,
             labels=labels,
             data_record=record,
             collate=make_collator(config.collator_kind, tokenizer, config.mlm_probability),
             total_steps=total_steps,
+            sparse_steps=sparse_steps,
             model=start.model,
             base_fingerprint=start.base_fingerprint,
             head=start.head,
@@ -754,13 +758,14 @@ class _Run:
     # ------------------------------------------------------------------ one phase
     def _train_phase(self, index: int, phase: _DensePhase | _SparsePhase, resuming: bool) -> dict[str, Any]:
         cfg, name = self.config, PHASES[index]
+        steps = self.total_steps if index == 0 else self.sparse_steps
         if resuming and (done := self.run_dir.done(name)) is not None and index == 1:
             phase.load_state(self.run_dir.load_best(name))
             return done
         optimizer = phase.optimizer(cfg.lr, cfg.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
-        warmup = int(cfg.warmup_ratio * self.total_steps)
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
+        warmup = int(cfg.warmup_ratio * steps)
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
         metric = cfg.best_metric
         progress: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "history": []}
         checkpoint = self.run_dir.load_checkpoint(name) if resuming else None
@@ -778,10 +783,10 @@ class _Run:
                 progress["grad_scaler"] = scaler.state_dict()
             self.run_dir.save_checkpoint(name, phase.state(), optimizer, scheduler, progress)
 
-        self.reporter.phase_started(name, self.total_steps, progress["step"])
+        self.reporter.phase_started(name, steps, progress["step"])
         clock = CheckpointClock(self.checkpoint_minutes)
         self.model.train()
-        for step in range(progress["step"], self.total_steps):
+        for step in range(progress["step"], steps):
             stream, batches = self._micro_batches(index, step)
             lr, tokens = scheduler.get_last_lr()[0], sum(batch_tokens(batch) for batch in batches) * self.dist.world
             with applied(stream.sft, self.model):  # a multi-source batch: its language's SFT, exactly undone
@@ -803,7 +808,7 @@ class _Run:
             optimizer.zero_grad(set_to_none=True)
             phase.after_step()
             self.reporter.step(step + 1, loss, lr, tokens)
-            if (step + 1) % cfg.eval_steps == 0 or step + 1 == self.total_steps:
+            if (step + 1) % cfg.eval_steps == 0 or step + 1 == steps:
                 metrics = self._evaluate()
                 progress["history"].append({"step": step + 1, **metrics})
                 if _better(metric, metrics[metric], progress["best"]):
@@ -818,7 +823,7 @@ class _Run:
                 clock.restart()
         phase.load_state(self.run_dir.load_best(name))
         summary = {
-            "steps": self.total_steps,
+            "steps": steps,
             "best_step": progress["best_step"],
             metric: progress["best"],
             "history": progress["history"],
@@ -936,6 +941,7 @@ class _Run:
         trainer.update(
             {
                 "steps_per_phase": self.total_steps,
+                "sparse_phase_steps": self.sparse_steps,
                 "train_examples": sum(len(stream.items) for stream in self.streams),
                 "validation_examples": self.validation_items,
                 "world_size": self.dist.world,
@@ -981,11 +987,12 @@ class _Run:
             raise SftkitError(f"the {self.dist.world} processes ended with different SFTs: {digests}")
 
 
-def _resume_point(run_dir: RunDirectory, total_steps: int, start: _StartModel) -> str:
-    """Where a resumed run continues, in words: the phase and the step of its last checkpoint."""
+def _resume_point(run_dir: RunDirectory, steps: tuple[int, int], start: _StartModel) -> str:
+    """Where a resumed run continues, in words: the phase and the step of its last checkpoint (``steps``: each
+    phase's step count)."""
     phase, step = run_dir.resume_point()
     if step:
-        return f"{phase} phase at step {step} of {total_steps}"
+        return f"{phase} phase at step {step} of {steps[PHASES.index(phase)]}"
     if phase == "full" and start.head_warmup_steps and run_dir.done(WARM_UP_ENTRY) is None:
         return f"from the start ({WARM_UP} first)"
     return f"{phase} phase from its start"
