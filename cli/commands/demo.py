@@ -8,10 +8,11 @@ composes θ0 + φ_T + φ_L for every target language and method, evaluates zero-
 model, runs a transformers pipeline on it, and prints what to try next. Every number is measured in the run.
 
 About three minutes of one CPU core (most of it the language SFTs, which need 1 000 steps per phase to
-learn their targets' words), kept there by sharing work the method itself allows, not by skipping stages: LT-SFT and DEFT-X run the identical phase 1 (full fine-tuning) on the same data and
-seed, so each language's phase 1 is trained once and reused through the trainer's full-phase cache
-(keyed by the phase-1 settings, data, base and source SFT: the two task SFTs start from different
-source SFTs, so each trains its own). ``benchmarks/demo_seeds.py`` runs it for seeds 0–4.
+learn their targets' words), kept there by sharing work the method itself allows, not by skipping
+stages: LT-SFT and DEFT-X run the identical phase 1 (full fine-tuning) on the same data and seed, so each
+language's phase 1 is trained once and reused through the trainer's full-phase cache (keyed by the
+phase-1 settings, data, base and source SFT: the two task SFTs start from different source SFTs, so each
+trains its own). ``benchmarks/demo_seeds.py`` runs it for seeds 0–4.
 """
 
 from __future__ import annotations
