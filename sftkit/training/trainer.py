@@ -512,9 +512,8 @@ class _Run:
             )
             for language, part in zip(languages or [None], loaded, strict=True)
         ]
-        examples = sum(len(part.train_items) for part in loaded)
-        total_steps, sparse_steps = config.total_steps(examples), config.sparse_phase_steps(examples)
         sizes = [len(part.train_items) for part in loaded]
+        total_steps, sparse_steps = config.total_steps(sum(sizes)), config.sparse_phase_steps(sum(sizes))
         record = (
             loaded[0].record
             if not languages
