@@ -46,7 +46,7 @@ def run_seed(seed: int, fresh: bool, out: Path = OUT) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"demo-seed-{seed}-") as home:
         started = time.perf_counter()
         done = subprocess.run(
-            [sftkit, "-q", "demo", "--seed", str(seed), "--home", home, "--json"],
+            [sftkit, "-q", "demo", "--seed", str(seed), "--workers", "1", "--home", home, "--json"],
             env=env,
             capture_output=True,
             text=True,

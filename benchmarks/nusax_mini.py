@@ -1254,7 +1254,8 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = resolve_base(args.base)
     name = Path(args.base).name if args.base not in ("me5-small", "minilm") else args.base
     setting = "table2" if budget.source_init else "table9"
-    record_stem = f"nusax_mini_{name}_{setting}"  # beside, not over, the earlier records (history)
+    longer_sparse = f"_sparse{budget.language_sparse_steps}" if budget.language_sparse_steps else ""
+    record_stem = f"nusax_mini_{name}_{setting}{longer_sparse}"  # beside, not over, the earlier records (history)
     started, load = time.perf_counter(), os.getloadavg()
     plan = None
     if args.paper_budget:
@@ -1282,7 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
                 experiment.run_core()
             if part == "extras":
                 experiment.run_extras()
-            figure_suffix = f"_{setting}" + ("" if name == "me5-small" else f"_{name}")
+            figure_suffix = f"_{setting}" + ("" if name == "me5-small" else f"_{name}") + longer_sparse
             comparison = overlap(experiment, figures, figure_suffix) if part != "ablations" else None
             goals = language_goals(experiment) if part != "ablations" else None
     except SftkitError as exc:
@@ -1291,7 +1292,12 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(experiment.state, budget, seeds, part)
     gold = {language: experiment.gold(language) for language in budget.targets}
     effect_table = effects(experiment.state, budget.targets, seeds, gold, args.resamples)
-    suffix = f"_{setting}" + ("" if name == "me5-small" else f"_{name}") + ("_ablations" if part == "ablations" else "")
+    suffix = (
+        f"_{setting}"
+        + ("" if name == "me5-small" else f"_{name}")
+        + longer_sparse
+        + ("_ablations" if part == "ablations" else "")
+    )
     title = f"NusaX, zero-shot from Indonesian (SMSA); θ0 = {name}; {setting}; miniature budget"
     f1_chart(table, budget, figures / f"nusax_mini_f1{suffix}.png", title)
     wall = time.perf_counter() - started

@@ -327,3 +327,22 @@ def test_pair_task_trains_on_text_pairs_and_is_selected_by_accuracy(tiny_base, t
     )
     scores = evaluate(result.model, tsv, tokenizer=result.tokenizer)
     assert scores["n"] == 20 and set(scores["per_class"]) == {"contradiction", "entailment"}
+
+
+def _language_sft_digest(base: str, texts: list[str]) -> str:
+    """Train a short language SFT and return its deltas' digest (run in a worker process by the test below)."""
+    config = make_config(language="ace", base_model=base, recipe="quick", method="lt-sft", **STEPS)
+    return train(config, train_data=texts).sft.delta_digest()
+
+
+def test_a_language_sft_trains_in_a_worker_process_as_in_the_main_one(tiny_base, toy_languages):
+    """A job runner's worker process trains the SFT the main process does (transformers refuses a seeded
+    MLM collator in any child process but a DataLoader worker; the trainer's collator keeps its seed)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    texts = toy.corpus(toy_languages["ace"], 200)
+    here = _language_sft_digest(str(tiny_base), texts)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        there = pool.submit(_language_sft_digest, str(tiny_base), texts).result()
+    assert there == here

@@ -12,6 +12,7 @@ token costs as much as a real one, and random batches of long-tailed sentences a
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -202,10 +203,24 @@ def make_collator(kind: str, tokenizer: Any, mlm_probability: float, seed: int |
     ``seed=None`` draws masks from torch's global generator, which the trainer reseeds every step.
     """
     if kind == "language":
-        return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
+        return SeededMaskingCollator(tokenizer, mlm_probability=mlm_probability, seed=seed)
     if kind == "tagging":
         return TaggingCollator(tokenizer)
     return DataCollatorWithPadding(tokenizer)
+
+
+class SeededMaskingCollator(DataCollatorForLanguageModeling):
+    """transformers' MLM collator, whose ``seed`` also holds outside the main process.
+
+    transformers refuses a seeded collator in a child process unless it is a DataLoader worker (there it
+    offsets the seed by the worker id, so workers draw different masks), which made training fail in any
+    worker process: a job runner's, ``sftkit demo``'s. Here one collator serves one process, so the seed
+    applies as given, and a run draws the same masks wherever it runs.
+    """
+
+    def create_rng(self, return_tensors: str | None = None) -> None:
+        self.generator = self.get_generator(self.seed, return_tensors)
+        self._generator_pid = os.getpid()
 
 
 class TaggingCollator:
