@@ -95,11 +95,11 @@ def dev_rows(language: str) -> list[tuple[str, str]]:
 class Run:
     """Composes, tunes and predicts for one cache; everything it measures is kept in ``merge_state.json``."""
 
-    def __init__(self, cache: Cache) -> None:
+    def __init__(self, cache: Cache, state_name: str = "merge_state.json") -> None:
         from sftkit.base_model import load_tokenizer
 
         self.cache, self.tokenizer = cache, load_tokenizer(cache.base)
-        self.state = mini.State(cache.directory / "merge_state.json")
+        self.state = mini.State(cache.directory / state_name)
 
     def kept(self, row: str, seed: int, language: str) -> list[int] | None:
         """The row's test predictions made before: here, or by the miniature itself."""
@@ -168,8 +168,10 @@ def rows_of(methods) -> list[str]:
     ]
 
 
-def f1_table(run: Run, seeds: list[int], targets: tuple[str, ...]) -> dict[str, dict[str, tuple[float, float]]]:
-    """{row: {language | "avg": (mean, std) over seeds of macro-F1 × 100}}."""
+def f1_table(
+    run: Run, seeds: list[int], targets: tuple[str, ...], rows: list[str] | None = None
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """{row: {language | "avg": (mean, std) over seeds of macro-F1 × 100}} (rows: the merge rows by default)."""
     gold = {lang: [mini.LABELS.index(label) for _, label in run.cache.test_rows(lang)] for lang in targets}
 
     def f1(row: str, seed: int, lang: str) -> float:
@@ -180,7 +182,7 @@ def f1_table(run: Run, seeds: list[int], targets: tuple[str, ...]) -> dict[str, 
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
     table = {}
-    for row in rows_of(mini.CORE_METHODS):
+    for row in rows or rows_of(mini.CORE_METHODS):
         per_seed = [[f1(row, seed, lang) for lang in targets] for seed in seeds]
         cells = {lang: spread([values[i] for values in per_seed]) for i, lang in enumerate(targets)}
         table[row] = cells | {"avg": spread([statistics.fmean(values) for values in per_seed])}
@@ -191,17 +193,9 @@ def effect_table(run: Run, seeds: list[int], targets: tuple[str, ...], resamples
     """Each merged row against the plain composition and against the task SFT alone, and each LT-SFT merge against
     DEFT-X's plain composition (does merge-time conflict resolution buy what training-time denoising does?):
     nusax_mini's paired bootstrap."""
-    gold = {lang: [mini.LABELS.index(label) for _, label in run.cache.test_rows(lang)] for lang in targets}
 
     def effect(row: str, against: str) -> dict[str, Any]:
-        per = {}
-        for index, language in enumerate((*targets, "avg")):
-            languages = targets if language == "avg" else (language,)
-            cells = [
-                (gold[lang], run.kept(row, s, lang), run.kept(against, s, lang)) for lang in languages for s in seeds
-            ]
-            per[language] = mini.paired_bootstrap(cells, resamples=resamples, seed=index)
-        return per
+        return paired_effect(run, row, against, seeds, targets, resamples)
 
     out = {}
     for method in mini.CORE_METHODS:
@@ -215,6 +209,19 @@ def effect_table(run: Run, seeds: list[int], targets: tuple[str, ...], resamples
             merged_row(lt_sft, setting), mini.composed_row(deft_x)
         )
     return out
+
+
+def paired_effect(
+    run: Run, row: str, against: str, seeds: list[int], targets: tuple[str, ...], resamples: int
+) -> dict[str, Any]:
+    """Row minus row, per target and on average ("avg"): nusax_mini's paired bootstrap over the kept predictions."""
+    gold = {lang: [mini.LABELS.index(label) for _, label in run.cache.test_rows(lang)] for lang in targets}
+    per = {}
+    for index, language in enumerate((*targets, "avg")):
+        languages = targets if language == "avg" else (language,)
+        cells = [(gold[lang], run.kept(row, s, lang), run.kept(against, s, lang)) for lang in languages for s in seeds]
+        per[language] = mini.paired_bootstrap(cells, resamples=resamples, seed=index)
+    return per
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -41,3 +43,25 @@ def random_sfts(base) -> list[SparseFineTuning]:
         )
         sfts.append(SparseFineTuning(diffs, head, metadata))
     return sfts
+
+
+def tiny_miniature_cache(tmp_path, tiny_base, mini) -> tuple[Path, list[SparseFineTuning]]:
+    """A ``benchmarks/nusax_mini.py`` cache directory as the miniature leaves it (budget.json; state.json naming
+    its SFTs in a shared SFT cache), with ``random_sfts``' task SFT and first language SFT as every core method's
+    seed-0 task SFT and ace language SFT, on the tiny base, scored on 20 test rows. Returns it and those SFTs."""
+    import json
+    from dataclasses import asdict, replace
+
+    cache = tmp_path / "quick-table9-tiny"
+    budget = replace(mini.QUICK, base=str(tiny_base), test_rows=20)
+    cache.mkdir()
+    (cache / "budget.json").write_text(json.dumps({**asdict(budget), "fitted_base": str(tiny_base)}))
+    sfts = random_sfts(tiny_base)
+    paths = {}
+    for method in mini.CORE_METHODS:
+        key = mini.method_key(method)
+        for name, sft in ((f"task-{key}-s0", sfts[0]), (f"lang-ace-{key}", sfts[1])):
+            sft.save(tmp_path / "sft" / name)
+            paths[name] = str(tmp_path / "sft" / name)
+    (cache / "state.json").write_text(json.dumps({"scores": {}, "seconds": {}, "sft_paths": paths}))
+    return cache, sfts

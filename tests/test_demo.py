@@ -22,9 +22,11 @@ import pytest
 from sftkit import toy
 
 SFTKIT = shutil.which("sftkit")
-# ≈ 2× a run's CPU time here (194 s on one thread since the language SFTs train 1 000 steps per phase to learn
-# their targets' words, issue 18): a machine 2× slower passes, a demo that doubled its work would not.
-CPU_SECONDS_BOUND = 400.0
+# ≈ 2× a run's CPU time here (193 s on one worker since the language SFTs train 1 000 steps per phase to learn
+# their targets' words, issue 18; 217 s on two, which add their start-up): a machine 2× slower passes, a demo that
+# doubled its work would not. Its wall time (114 s on 2 quiet cores, issue 18's bound 120 s) is a benchmark:
+# benchmarks/demo_wall.py.
+CPU_SECONDS_BOUND = 450.0
 STAGES = (
     "toy world and θ0",
     "training and registering",
@@ -66,9 +68,8 @@ def _children_cpu_seconds() -> float:
 
 
 def test_demo_time_is_reported_and_bounded(demo, record_property):
-    """Wall time is reported; the bound is on CPU time, which other jobs on the machine barely move
-    (197 s wall beside one other job for 194 s of CPU; wall time doubles or triples under a parallel suite plus
-    a benchmark)."""
+    """Wall time is reported; the bound is on CPU time (the demo's and its worker processes'), which other jobs
+    on the machine barely move, while wall time doubles or triples under a parallel suite plus a benchmark."""
     results, _, wall, cpu = demo
     record_property("demo_wall_seconds", round(wall, 1))
     record_property("demo_cpu_seconds", round(cpu, 1))
@@ -79,6 +80,7 @@ def test_demo_time_is_reported_and_bounded(demo, record_property):
         f"\nsftkit demo: {wall:.1f} s wall, {cpu:.1f} s CPU (process), {results['seconds']} s reported by the demo, "
         f"stages {results['timings']}, load average {load:.2f} on {os.cpu_count()} CPUs"
     )
+    assert results["workers"] == min(2, os.cpu_count() or 1)  # two SFTs at once by default on 2 cores or more
     assert tuple(results["timings"]) == STAGES  # every stage ran, in order, and was timed
     assert sum(results["timings"].values()) <= results["seconds"] + 0.5 <= wall + 0.5
     assert cpu <= CPU_SECONDS_BOUND, f"sftkit demo used {cpu:.0f} s of CPU (bound {CPU_SECONDS_BOUND:.0f} s)"
