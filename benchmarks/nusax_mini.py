@@ -48,11 +48,12 @@ here with 1 thread on ace, 12 steps per phase, while other jobs loaded the 2 cor
 head fit 2.9, MLM step 4.45 (phase 1) / 3.27 (sparse), task step 2.1 / 2.4, 300-row validation 6.5,
 400-row test language 7.8, an SFT's load + selection + save 11, composition 0.3. At those rates the core
 (3 task seeds, Table 9's setting) is 185 min: head fit 7, language phase 1 37, language sparse phases 55,
-task phase 1 21, task sparse phases 48, validations 6, tests 8, overheads 3. With the core's 2 threads,
-scaled by issue 19's own 2-thread timings (MLM step ~2 s, task step ~1.2 s; the rest halved): 93 min
-(head fit 4, language 17 + 25, task 12 + 27, validations 3, tests 4, overheads 2); Table 2's setting adds
-φ_ind's three phases (~101 min). Length-grouped task batches (issue 19 §1) are not counted (they cut a
-task step's tokens by up to 1.6×). Each run records its own per-step timings; check them after the first SFT.
+task phase 1 21, task sparse phases 48, validations 6, tests 8, overheads 3. With the core's 2 threads (MLM
+steps scaled by issue 19's 2-thread timing, ~2 s; task steps measured on 2 quiet threads with length-grouped
+batches, 0.71 / 0.68 s; the rest halved): 85 min (head fit 4, language 17 + 25, task 11 + 20, validations 4,
+tests 4, overheads 2); ``--language-sparse-steps 200`` makes it 110 min (language sparse phases 49), and
+Table 2's setting adds φ_ind's three phases (~94 min). Each run records its own per-step timings; check them
+after the first SFT.
 
 k is the paper's fraction of the maskable entries (7.6 M and 14.2 M of XLM-R base's 277 M: 2.8 % and
 5.1 %). Every SFT is cached once per (name, training config, data) in ``benchmarks/out/nusax_mini/sft/`` (its
@@ -1080,18 +1081,15 @@ MEASURED_SECONDS = {
     "compose": 0.3,
     "SFT overhead (load, selection, save)": 11.0,  # 8–13
 }
-# The same for the core's 2 threads, scaled by issue 19's own 2-thread measurements (not re-measured here:
-# these sessions run with 1 thread): a language phase-1 step "about 2 s" (× 2.0 / 4.45), a task step ~1.2 s
-# (669 s for 500 steps with evaluations; × 1.2 / 2.1), everything else halved.
+# The same for the core's 2 threads: the language steps scaled by issue 19's own 2-thread measurement (a phase-1
+# step "about 2 s": × 2.0 / 4.45; the sparse steps of the 200-step run, 2026-12-06, measured 1.33–1.46 s on 2 quiet
+# threads, as scaled), the task steps measured on 2 quiet threads (2026-12-06 14:31 UTC, load average 0.9: a
+# task SFT at the core's settings, 30 steps per phase, mean seconds a step, length-grouped batches), everything
+# else halved.
+QUIET_TWO_THREAD_TASK_SECONDS = {"task step": 0.71, "task sparse step": 0.68}
 TWO_THREAD_SECONDS = {
-    part: value
-    * (
-        2.0 / 4.45
-        if part.startswith("language step") or part.startswith("language sparse")
-        else 1.2 / 2.1
-        if part.startswith("task") and "step" in part
-        else 0.5
-    )
+    part: QUIET_TWO_THREAD_TASK_SECONDS.get(part)
+    or value * (2.0 / 4.45 if part.startswith("language step") or part.startswith("language sparse") else 0.5)
     for part, value in MEASURED_SECONDS.items()
 }
 
@@ -1323,7 +1321,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "cost_estimate_minutes": {
             "1 thread, loaded machine (measured per step)": cost_estimate(budget, len(seeds)),
-            "2 threads (scaled by issue 19's 2-thread timings)": cost_estimate(budget, len(seeds), TWO_THREAD_SECONDS),
+            "2 threads (task steps measured quiet, the rest scaled)": cost_estimate(
+                budget, len(seeds), TWO_THREAD_SECONDS
+            ),
         },
         "measured_seconds_for_the_estimate": {"1 thread": MEASURED_SECONDS, "2 threads": TWO_THREAD_SECONDS},
         "step_seconds": experiment.state.data.get("step_seconds", {}),

@@ -251,6 +251,7 @@ def test_nusax_mini_cost_estimate_and_settings():
     assert nusax_mini.cost_estimate(longer, 3)[part] == pytest.approx(
         2 * nusax_mini.cost_estimate(nusax_mini.CORE, 3)[part], abs=0.2
     )
+    assert nusax_mini.cost_estimate(longer, 3, nusax_mini.TWO_THREAD_SECONDS)["total"] <= 120  # still the budget
     experiment = nusax_mini.Experiment.__new__(nusax_mini.Experiment)  # only its language_config is asked here
     experiment.budget, experiment.base, experiment.device = longer, "base", "cpu"
     config = experiment.language_config("ace", "LT-SFT")
