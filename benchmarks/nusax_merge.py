@@ -224,15 +224,14 @@ def paired_effect(
     return per
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--cache", type=Path, help="a nusax_mini cache directory (holds budget.json, sft/, state.json)")
-    where.add_argument("--quick", action="store_true", help="nusax_mini's smoke sizes, its SFTs trained if missing")
-    parser.add_argument("--base", default="me5-small", help="with --quick: the miniature's --base")
+def add_seed_arguments(parser: argparse.ArgumentParser) -> None:
+    """--seeds and --resamples, as every script reading a miniature's cache takes them."""
     parser.add_argument("--seeds", type=int, default=3, help="task-SFT seeds (their SFTs must be in the cache)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the effects' CIs")
-    args = parser.parse_args(argv)
+
+
+def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what cannot run (one line each), then set torch's threads: shared by the cache-reading scripts."""
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     if not nusax_data.DATA_ROOT.is_dir():
@@ -243,6 +242,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--cache", type=Path, help="a nusax_mini cache directory (holds budget.json, sft/, state.json)")
+    where.add_argument("--quick", action="store_true", help="nusax_mini's smoke sizes, its SFTs trained if missing")
+    parser.add_argument("--base", default="me5-small", help="with --quick: the miniature's --base")
+    add_seed_arguments(parser)
+    args = parser.parse_args(argv)
+    prepare(parser, args)
     from sftkit.base_model import quiet_transformers
 
     started, seeds = time.perf_counter(), list(range(args.seeds))

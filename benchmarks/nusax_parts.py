@@ -29,7 +29,6 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.append(str(HERE))
 
-import nusax_data  # noqa: E402  (sibling scripts, importable once their folder is on the path)
 import nusax_merge as merge  # noqa: E402
 import nusax_mini as mini  # noqa: E402
 
@@ -85,19 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache", type=Path, required=True, help="a nusax_mini cache directory (budget.json, state.json)"
     )
-    parser.add_argument("--seeds", type=int, default=3, help="task-SFT seeds (their SFTs must be in the cache)")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the effects' CIs")
+    merge.add_seed_arguments(parser)
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
-    if not nusax_data.DATA_ROOT.is_dir():
-        mini.fail(f"the data is not at {nusax_data.DATA_ROOT} (see ../shared/data/MANIFEST.md)")
-    if not (args.cache / "budget.json").is_file():
-        mini.fail(f"{args.cache} is not a nusax_mini cache directory (no budget.json)")
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    merge.prepare(parser, args)
     from sftkit.base_model import quiet_transformers
 
     started, seeds = time.perf_counter(), list(range(args.seeds))
