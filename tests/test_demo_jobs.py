@@ -93,3 +93,20 @@ def test_workers_must_be_positive(tmp_path):
     done = CliRunner().invoke(app, ["demo", "--workers", "0", "--home", str(tmp_path / "demo")])
     assert done.exit_code == 2
     assert "workers" in done.output and not (tmp_path / "demo").exists()
+
+
+def test_a_job_listed_before_what_it_needs_is_refused(tmp_path):
+    from sftkit.cli.commands.demo_jobs import Job, run_jobs
+
+    first, second = Job(("src", "deftx"), "a", None, {}), Job(("sa", "deftx"), "b", None, {}, (("src", "deftx"),))
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match="sa-deftx is listed before what it needs"):
+            run_jobs(
+                [second, first],
+                workers=workers,
+                directory=tmp_path,
+                full_phase_cache=tmp_path,
+                reporter_for=lambda job: None,
+                finished=lambda job, directory, phases: None,
+                lineage_of=lambda key: {},
+            )

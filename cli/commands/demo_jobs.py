@@ -52,6 +52,7 @@ def run_jobs(
     from the cache); ``lineage_of(key)`` gives a task job its source SFT's registry lineage when it starts;
     ``reporter_for(job)`` receives the job's progress (``phase_started``, ``step``).
     """
+    _check_order(jobs)
     if workers <= 1:
         for job in jobs:
             job = _with_lineage(job, lineage_of)
@@ -85,6 +86,16 @@ def run_jobs(
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+def _check_order(jobs: Sequence[Job]) -> None:
+    """Every job after its needs: one worker runs the list as it is, and two never wait for a job not listed."""
+    listed: set[JobKey] = set()
+    for job in jobs:
+        missing = set(job.needs) - listed
+        if missing:
+            raise ValueError(f"job {'-'.join(job.key)} is listed before what it needs: {sorted(missing)}")
+        listed.add(job.key)
 
 
 def output_directory(directory: Path, key: JobKey) -> Path:
