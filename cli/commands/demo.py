@@ -65,17 +65,15 @@ SCHEDULES = {
 
 
 def _step_reporter(bar: Any, task: Any) -> Any:
-    """A trainer reporter advancing one progress task as steps go by (both phases count); ``phases``
-    lists the phases the trainer actually ran (no ``full`` when phase 1 came from the cache)."""
+    """A trainer reporter advancing one progress task as steps go by (both phases count; which phases ran is
+    recorded by ``demo_jobs``)."""
     from sftkit.training.trainer import NullReporter
 
     class StepReporter(NullReporter):
         def __init__(self) -> None:
             self.offset = self.last = 0
-            self.phases: list[str] = []
 
         def phase_started(self, phase: str, total_steps: int, done_steps: int) -> None:
-            self.phases.append(phase)
             self.offset, self.last = self.offset + self.last, 0
             bar.update(task, total=self.offset + total_steps * (2 if phase == "full" else 1))
 
